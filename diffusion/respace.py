@@ -1,0 +1,91 @@
+"""Sampling with fewer steps than training: keep a subset of the timesteps and recompute
+the betas so that the kept steps have the same alpha_bar as in the full process."""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from .gaussian_diffusion import GaussianDiffusion
+
+
+def space_timesteps(num_timesteps: int, section_counts: str | Sequence[int]) -> set[int]:
+    """Timesteps to keep out of `num_timesteps`.
+
+    section_counts is either "ddimN" (an integer stride that keeps exactly N steps, as in
+    DDIM) or a list / comma-separated string of counts: the process is cut into that many
+    equal sections and each section keeps that many evenly spaced steps, e.g. "10,15,20".
+    """
+    if isinstance(section_counts, str):
+        if section_counts.startswith("ddim"):
+            desired = int(section_counts[len("ddim"):])
+            for stride in range(1, num_timesteps):
+                if len(range(0, num_timesteps, stride)) == desired:
+                    return set(range(0, num_timesteps, stride))
+            raise ValueError(f"cannot keep exactly {desired} of {num_timesteps} steps with an integer stride")
+        section_counts = [int(count) for count in section_counts.split(",")]
+
+    size_per, extra = divmod(num_timesteps, len(section_counts))
+    kept: list[int] = []
+    start = 0
+    for i, count in enumerate(section_counts):
+        size = size_per + (1 if i < extra else 0)
+        if size < count:
+            raise ValueError(f"cannot take {count} steps from a section of {size} steps")
+        stride = 1 if count <= 1 else (size - 1) / (count - 1)
+        # Accumulate the position (not j * stride): float rounding decides ties like 49.5.
+        position = 0.0
+        for _ in range(count):
+            kept.append(start + round(position))
+            position += stride
+        start += size
+    return set(kept)
+
+
+class _OriginalTimesteps:
+    """Calls the model with the original timestep index of each spaced step."""
+
+    def __init__(self, model: Callable[..., Any], timestep_map: list[int]):
+        self.model = model
+        self.timestep_map = timestep_map
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **kwargs) -> Any:
+        table = torch.tensor(self.timestep_map, device=t.device, dtype=t.dtype)
+        return self.model(x, table[t], **kwargs)
+
+
+class SpacedDiffusion(GaussianDiffusion):
+    """A GaussianDiffusion over the kept timesteps `use_timesteps` of a base process."""
+
+    def __init__(self, use_timesteps: Sequence[int] | set[int], **kwargs):
+        self.use_timesteps = set(use_timesteps)
+        base = GaussianDiffusion(**kwargs)
+        self.original_num_steps = base.num_timesteps
+        self.timestep_map: list[int] = []
+        new_betas = []
+        last_alpha_cumprod = 1.0
+        for i, alpha_cumprod in enumerate(base.alphas_cumprod):
+            if i in self.use_timesteps:
+                new_betas.append(1 - alpha_cumprod / last_alpha_cumprod)
+                last_alpha_cumprod = alpha_cumprod
+                self.timestep_map.append(i)
+        kwargs["betas"] = np.array(new_betas)
+        super().__init__(**kwargs)
+
+    def _wrap_model(self, model: Callable[..., Any]) -> Callable[..., Any]:
+        if isinstance(model, _OriginalTimesteps):
+            return model
+        return _OriginalTimesteps(model, self.timestep_map)
+
+    def p_mean_variance(self, model, *args, **kwargs):
+        return super().p_mean_variance(self._wrap_model(model), *args, **kwargs)
+
+    def training_losses(self, model, *args, **kwargs):
+        return super().training_losses(self._wrap_model(model), *args, **kwargs)
+
+    def condition_mean(self, cond_fn, *args, **kwargs):
+        return super().condition_mean(self._wrap_model(cond_fn), *args, **kwargs)
+
+    def condition_score(self, cond_fn, *args, **kwargs):
+        return super().condition_score(self._wrap_model(cond_fn), *args, **kwargs)
