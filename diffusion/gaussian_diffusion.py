@@ -246,11 +246,12 @@ class GaussianDiffusion:
         denoised_fn: Callable | None = None,
         cond_fn: Callable | None = None,
         model_kwargs: dict | None = None,
+        noise_fn: Callable[[torch.Tensor], torch.Tensor] = torch.randn_like,
     ) -> dict[str, torch.Tensor]:
-        """One ancestral step x_t -> x_{t-1}. Draws randn_like(x) after the model call,
-        also at t=0 where it is multiplied by zero."""
+        """One ancestral step x_t -> x_{t-1}. Draws noise_fn(x) (randn_like) after the model
+        call, also at t=0 where it is multiplied by zero."""
         out = self.p_mean_variance(model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs)
-        noise = torch.randn_like(x)
+        noise = noise_fn(x)
         if cond_fn is not None:
             out["mean"] = self.condition_mean(cond_fn, out, x, t, model_kwargs=model_kwargs)
         sample = out["mean"] + self._nonzero_mask(t, x.dim()) * torch.exp(0.5 * out["log_variance"]) * noise
@@ -267,12 +268,17 @@ class GaussianDiffusion:
         model_kwargs: dict | None = None,
         device: torch.device | str | None = None,
         progress: bool = False,
+        noise_fn: Callable[[torch.Tensor], torch.Tensor] = torch.randn_like,
     ) -> torch.Tensor:
-        """Ancestral sampling from pure noise to x_0; returns the final sample."""
+        """Ancestral sampling from pure noise to x_0; returns the final sample.
+
+        noise_fn draws each step's noise (default randn_like from the global generator);
+        pass another to take it from per-sample generators.
+        """
         final = None
         for final in self.p_sample_loop_progressive(
             model, shape, noise=noise, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-            cond_fn=cond_fn, model_kwargs=model_kwargs, device=device, progress=progress,
+            cond_fn=cond_fn, model_kwargs=model_kwargs, device=device, progress=progress, noise_fn=noise_fn,
         ):
             pass
         return final["sample"]
@@ -288,12 +294,13 @@ class GaussianDiffusion:
         model_kwargs: dict | None = None,
         device: torch.device | str | None = None,
         progress: bool = False,
+        noise_fn: Callable[[torch.Tensor], torch.Tensor] = torch.randn_like,
     ) -> Iterator[dict[str, torch.Tensor]]:
         """Yield p_sample's output at every step, from t = T-1 down to 0."""
         yield from self._loop(
             lambda img, t: self.p_sample(
                 model, img, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-                cond_fn=cond_fn, model_kwargs=model_kwargs,
+                cond_fn=cond_fn, model_kwargs=model_kwargs, noise_fn=noise_fn,
             ),
             model, shape, noise, device, progress,
         )
@@ -323,9 +330,10 @@ class GaussianDiffusion:
         cond_fn: Callable | None = None,
         model_kwargs: dict | None = None,
         eta: float = 0.0,
+        noise_fn: Callable[[torch.Tensor], torch.Tensor] = torch.randn_like,
     ) -> dict[str, torch.Tensor]:
         """One DDIM step x_t -> x_{t-1}; eta=0 is deterministic, eta=1 matches DDPM's variance.
-        Draws randn_like(x) after the model call, like p_sample."""
+        Draws noise_fn(x) (randn_like) after the model call, like p_sample."""
         out = self.p_mean_variance(model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs)
         if cond_fn is not None:
             out = self.condition_score(cond_fn, out, x, t, model_kwargs=model_kwargs)
@@ -334,7 +342,7 @@ class GaussianDiffusion:
         alpha_bar = self._extract("alphas_cumprod", t, x.dim())
         alpha_bar_prev = self._extract("alphas_cumprod_prev", t, x.dim())
         sigma = eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
-        noise = torch.randn_like(x)
+        noise = noise_fn(x)
         mean_pred = out["pred_xstart"] * torch.sqrt(alpha_bar_prev) + torch.sqrt(1 - alpha_bar_prev - sigma**2) * eps
         sample = mean_pred + self._nonzero_mask(t, x.dim()) * sigma * noise
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
@@ -373,12 +381,14 @@ class GaussianDiffusion:
         device: torch.device | str | None = None,
         progress: bool = False,
         eta: float = 0.0,
+        noise_fn: Callable[[torch.Tensor], torch.Tensor] = torch.randn_like,
     ) -> torch.Tensor:
-        """DDIM sampling from pure noise to x_0; returns the final sample."""
+        """DDIM sampling from pure noise to x_0; returns the final sample (noise_fn as in p_sample_loop)."""
         final = None
         for final in self.ddim_sample_loop_progressive(
             model, shape, noise=noise, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
             cond_fn=cond_fn, model_kwargs=model_kwargs, device=device, progress=progress, eta=eta,
+            noise_fn=noise_fn,
         ):
             pass
         return final["sample"]
@@ -395,12 +405,13 @@ class GaussianDiffusion:
         device: torch.device | str | None = None,
         progress: bool = False,
         eta: float = 0.0,
+        noise_fn: Callable[[torch.Tensor], torch.Tensor] = torch.randn_like,
     ) -> Iterator[dict[str, torch.Tensor]]:
         """Yield ddim_sample's output at every step, from t = T-1 down to 0."""
         yield from self._loop(
             lambda img, t: self.ddim_sample(
                 model, img, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-                cond_fn=cond_fn, model_kwargs=model_kwargs, eta=eta,
+                cond_fn=cond_fn, model_kwargs=model_kwargs, eta=eta, noise_fn=noise_fn,
             ),
             model, shape, noise, device, progress,
         )
