@@ -1,0 +1,208 @@
+"""Encode an image folder once with the VAE, for training with `train.py --feature-path`.
+
+For every image the store keeps the VAE posterior's mean and std of the image and of its
+mirror image, so training can still draw the flip and the latent sample afresh at each step
+(`latent = (mean + std * eps) * 0.18215`): the same distribution as encoding on the fly.
+
+  torchrun --nproc_per_node=8 extract_features.py --data-path /data/imagenet/train --feature-path features/in256
+  python extract_features.py --data-path DIR --feature-path DIR            (one GPU, or the CPU)
+
+Each process encodes its share of the images not yet done; rank 0 writes them into the
+memory-mapped arrays. Rerun the same command after an interruption to continue.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset
+
+from data import (
+    FEATURE_DTYPES,
+    FEATURE_FORMAT,
+    ImageDataset,
+    create_feature_store,
+    feature_bytes_per_image,
+    open_feature_arrays,
+    read_feature_meta,
+    vae_encoder_fingerprint,
+)
+from distributed import barrier, cleanup_distributed, create_logger, setup_distributed
+from vae import HUB_VAES, load_vae
+
+# Settings that must agree between a feature folder and the run that continues or uses it.
+MATCHING_META_KEYS = ("image_size", "dtype", "count", "classes", "vae_encoder")
+FLUSH_EVERY_BATCHES = 50
+LOG_EVERY_BATCHES = 20
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Pre-extract VAE posteriors of an ImageFolder for train.py --feature-path.")
+    parser.add_argument("--data-path", type=str, required=True, help="ImageFolder root: DIR/<class>/<image>")
+    parser.add_argument("--feature-path", type=str, required=True, help="output folder (created, or continued)")
+    parser.add_argument("--image-size", type=int, default=256, help="center-crop size in pixels, a multiple of 8")
+    parser.add_argument("--vae", type=str, choices=list(HUB_VAES), default="ema")
+    parser.add_argument("--vae-path", type=str, default=None, help="local diffusers AutoencoderKL folder instead of the hub")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per process per batch")
+    parser.add_argument("--num-workers", type=int, default=4)
+    parser.add_argument("--dtype", type=str, choices=FEATURE_DTYPES, default="float16", help="storage type of mean and std")
+    return parser.parse_args(argv)
+
+
+class ExtractionItems(Dataset):
+    """(index, image, label) for the given dataset indices; an unreadable image gets label -1."""
+
+    def __init__(self, images: ImageDataset, indices: list[int]):
+        self.images = images
+        self.indices = indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int) -> tuple[int, torch.Tensor, int]:
+        index = self.indices[position]
+        pixels = self.images.load(index)
+        if pixels is None:
+            return index, torch.zeros(3, self.images.image_size, self.images.image_size), -1
+        return index, pixels, self.images.samples[index][1]
+
+
+@torch.no_grad()
+def encode_posterior(vae: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std of each image and its mirror: two (N, 2, 4, L, L) tensors."""
+    posterior = vae.encode(torch.cat([images, images.flip(-1)])).latent_dist
+    n = len(images)
+    return torch.stack([posterior.mean[:n], posterior.mean[n:]], dim=1), torch.stack([posterior.std[:n], posterior.std[n:]], dim=1)
+
+
+def shard_of_pending(done: np.ndarray, rank: int, world_size: int, batch_size: int) -> list[int]:
+    """This rank's share of the indices not done yet, padded (by repeating the last one) so
+    that every rank runs the same number of full batches."""
+    pending = np.flatnonzero(~done).tolist()
+    if not pending:
+        return []
+    chunk = world_size * batch_size
+    pending += pending[-1:] * (-len(pending) % chunk)
+    return pending[rank::world_size]
+
+
+def gather_from_all(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate a same-shaped tensor from every process (the tensor itself in one process)."""
+    if not dist.is_initialized():
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor)
+    return torch.cat(parts)
+
+
+def check_existing_store(path: str, meta: dict) -> bool:
+    """True when `path` already holds a store for these settings; exits when it holds another."""
+    try:
+        existing = read_feature_meta(path)
+    except ValueError:
+        return False
+    differences = [f"{key} {existing.get(key)!r} (now {meta[key]!r})" for key in MATCHING_META_KEYS if existing.get(key) != meta[key]]
+    if differences:
+        raise SystemExit(
+            f"{path} holds features made with other settings: "
+            + ", ".join(d if len(d) < 120 else d[:117] + "..." for d in differences)
+            + "; pass another --feature-path or the same settings to continue it"
+        )
+    return True
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.image_size % 8:
+        raise SystemExit(f"--image-size {args.image_size} is not a multiple of 8 (the VAE downsamples by 8)")
+    info = setup_distributed()
+    try:
+        extract(args, info)
+    finally:
+        cleanup_distributed()
+
+
+def extract(args: argparse.Namespace, info) -> None:
+    logger = create_logger(None, info.rank)
+    try:
+        images = ImageDataset(args.data_path, args.image_size)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
+    try:
+        vae = load_vae(args.vae, info.device, args.vae_path)
+    except (FileNotFoundError, RuntimeError, ValueError) as error:  # load_vae's one-sentence errors
+        raise SystemExit(str(error)) from None
+    latent_size = args.image_size // 8
+    meta = {
+        "format": FEATURE_FORMAT,
+        "image_size": args.image_size,
+        "latent_size": latent_size,
+        "count": len(images),
+        "classes": images.classes,
+        "dtype": args.dtype,
+        "vae": args.vae_path or HUB_VAES[args.vae],
+        "vae_encoder": vae_encoder_fingerprint(vae),
+        "data_path": args.data_path,
+    }
+    exists = check_existing_store(args.feature_path, meta)
+    if info.is_main and not exists:
+        create_feature_store(args.feature_path, meta)
+    barrier()
+
+    arrays = open_feature_arrays(args.feature_path, writable=info.is_main)
+    shard = shard_of_pending(np.array(arrays["done"]), info.rank, info.world_size, args.batch_size)
+    todo = int(np.count_nonzero(~np.array(arrays["done"])))
+    logger.info(
+        f"{len(images)} images in {args.data_path}, {todo} to encode into {args.feature_path} "
+        f"({feature_bytes_per_image(latent_size, args.dtype) / 1024:.1f} KiB per image)"
+    )
+    if not shard:
+        logger.info("nothing left to do: the feature folder is complete")
+        return
+    loader = DataLoader(
+        ExtractionItems(images, shard),
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        pin_memory=info.device.type == "cuda",
+    )
+    written: list[np.ndarray] = []
+    start = time.time()
+    for batch_index, (indices, pixels, labels) in enumerate(loader, start=1):
+        mean, std = encode_posterior(vae, pixels.to(info.device))
+        indices, labels = indices.to(info.device), labels.to(info.device)
+        indices, labels, mean, std = (gather_from_all(t) for t in (indices, labels, mean, std))
+        if info.is_main:
+            rows = indices.cpu().numpy()
+            arrays["mean"][rows] = mean.cpu().numpy().astype(args.dtype)
+            arrays["std"][rows] = std.cpu().numpy().astype(args.dtype)
+            arrays["labels"][rows] = labels.cpu().numpy()
+            written.append(rows)
+        if batch_index % FLUSH_EVERY_BATCHES == 0 or batch_index == len(loader):
+            mark_done(arrays, written)
+            written = []
+        if batch_index % LOG_EVERY_BATCHES == 0 or batch_index == len(loader):
+            encoded = min(batch_index * args.batch_size * info.world_size, todo)
+            logger.info(f"encoded {encoded}/{todo} images ({encoded / (time.time() - start):.1f} images/s)")
+    if info.is_main:
+        unreadable = int(np.count_nonzero(np.array(arrays["labels"]) < 0))
+        if unreadable:
+            logger.info(f"{unreadable} unreadable images are marked with label -1 and skipped in training")
+    barrier()
+    logger.info(f"done: {args.feature_path} holds {len(images)} images")
+
+
+def mark_done(arrays: dict[str, np.ndarray], written: list[np.ndarray]) -> None:
+    """Flush the written rows to disk first, then mark them done, so a crash never marks unwritten rows."""
+    if not written:
+        return
+    for name in ("mean", "std", "labels"):
+        arrays[name].flush()
+    arrays["done"][np.concatenate(written)] = True
+    arrays["done"].flush()
+
+
+if __name__ == "__main__":
+    main()
