@@ -70,3 +70,31 @@ def tiny_vae_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def image_folder(tmp_path_factory) -> Path:
     return make_image_folder(tmp_path_factory.mktemp("images"))
+
+
+def make_tiny_dit(model: str = "DiT-S/8", input_size: int = 8, num_classes: int = 10, seed: int = 0) -> dict:
+    """State dict of a DiT from DiT_models whose every layer matters: the zero-initialised
+    adaLN and output layers get small random values, so samples depend on every weight."""
+    from models import DiT_models
+
+    torch.manual_seed(seed)
+    dit = DiT_models[model](input_size=input_size, num_classes=num_classes)
+    for param in dit.parameters():
+        if not param.any():
+            param.data.normal_(0, 0.02)
+    return dit.state_dict()
+
+
+@pytest.fixture(scope="session")
+def tiny_dit_ckpts(tmp_path_factory) -> dict:
+    """DiT-S/8 for 64 px images (latent 8, one token) with 10 classes, saved twice: as a
+    training checkpoint (`ema` holds the weights to sample with; `model` differs from it)
+    and as a bare state dict of the same weights."""
+    folder = tmp_path_factory.mktemp("tiny_dit")
+    ema = make_tiny_dit()
+    # Shares every tensor with `ema` but one, so the file stays the size of one model.
+    model = dict(ema, **{"final_layer.linear.bias": ema["final_layer.linear.bias"] + 1.0})
+    training, bare = folder / "0000010.pt", folder / "bare.pt"
+    torch.save({"model": model, "ema": ema, "args": {"model": "DiT-S/8", "image_size": 64}}, training)
+    torch.save(ema, bare)
+    return {"training": training, "bare": bare, "model": "DiT-S/8", "image_size": 64, "num_classes": 10}
