@@ -286,7 +286,8 @@ def restore_rng_state(states: list[dict], rank: int, device: torch.device) -> No
 
 
 def parameters_are_finite(model: torch.nn.Module) -> bool:
-    return bool(torch.stack(torch._foreach_norm(list(model.parameters()))).isfinite().all())
+    # The max-abs norm cannot overflow, unlike the 2-norm of large but finite weights.
+    return bool(torch.stack(torch._foreach_norm(list(model.parameters()), ord=float("inf"))).isfinite().all())
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -407,8 +408,9 @@ def train(args: argparse.Namespace, info) -> None:
     start_time = time.time()
 
     def stop_on_non_finite_loss(first_step: int) -> None:
+        where = f"at step {step}" if first_step == step else f"between steps {first_step} and {step}"
         message = (
-            f"the loss became non-finite between steps {first_step} and {step}; stopping without saving "
+            f"the loss or the weights became non-finite {where}; stopping without saving "
             f"these weights (last good checkpoint: {last_checkpoint or 'none'})"
         )
         logger.error(message)
@@ -418,7 +420,7 @@ def train(args: argparse.Namespace, info) -> None:
         """All ranks check the weights and gather RNG states; rank 0 writes the checkpoint."""
         loss_sum = all_reduce_mean(running_loss.clone())
         if not (bool(loss_sum.isfinite()) and parameters_are_finite(model)):
-            stop_on_non_finite_loss(last_checked_step + 1)
+            stop_on_non_finite_loss(min(last_checked_step + 1, step))
         rng = rng_states_of_all_ranks(device)
         path = os.path.join(experiment_dir or "", "checkpoints", f"{path_step:07d}.pt")
         if info.is_main:

@@ -1,0 +1,90 @@
+"""data.py: the resumable sampler, the image folder that skips unreadable files, the feature store."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DistributedSampler
+
+from conftest import make_image_folder
+from data import EpochSampler, FeatureDataset, ImageDataset, create_feature_store, feature_bytes_per_image
+from images import center_crop_arr
+
+
+@pytest.mark.parametrize("size,world_size", [(24, 1), (24, 2), (10, 4)])
+def test_sampler_order_is_the_reference_distributed_sampler(size, world_size):
+    # The reference shuffles with DistributedSampler(seed=global_seed); ours must give the same order.
+    for rank in range(world_size):
+        ours = EpochSampler(size, rank, world_size, seed=7)
+        theirs = DistributedSampler(range(size), num_replicas=world_size, rank=rank, shuffle=True, seed=7)
+        for epoch in (0, 3):
+            ours.set_epoch(epoch)
+            theirs.set_epoch(epoch)
+            assert [index for index, _ in ours] == list(theirs)
+
+
+def test_sampler_flips_depend_only_on_seed_epoch_and_index():
+    one = EpochSampler(40, 0, 1, seed=1)
+    flips = dict(one.epoch_items(2))
+    for rank in range(3):
+        for index, flip in EpochSampler(40, rank, 3, seed=1).epoch_items(2):
+            assert flips[index] == flip
+    assert set(flips.values()) == {0, 1}
+    assert dict(one.epoch_items(3)) != flips
+    assert dict(EpochSampler(40, 0, 1, seed=2).epoch_items(2)) != flips
+
+
+def test_sampler_starts_mid_epoch():
+    sampler = EpochSampler(24, 1, 2, seed=0)
+    sampler.set_epoch(5)
+    full = list(sampler)
+    sampler.set_epoch(5, start=4)
+    assert list(sampler) == full[4:] and len(sampler) == len(full) - 4 == 8
+
+
+def test_image_dataset_is_center_crop_then_flip_in_minus_one_to_one(image_folder):
+    dataset = ImageDataset(str(image_folder), 32)
+    assert len(dataset) == 24 and dataset.classes == ["class_0", "class_1", "class_2"]
+    path, label = dataset.samples[9]
+    expected = np.asarray(center_crop_arr(Image.open(path).convert("RGB"), 32), dtype=np.float32) / 127.5 - 1
+    pixels, got_label, skipped = dataset[(9, 0)]
+    assert (got_label, skipped) == (label, 0)
+    torch.testing.assert_close(pixels, torch.from_numpy(expected).permute(2, 0, 1), rtol=0, atol=1e-6)
+    mirrored, _, _ = dataset[(9, 1)]
+    assert torch.equal(mirrored, pixels.flip(-1))
+
+
+def test_unreadable_images_are_replaced_by_the_next_and_counted(tmp_path):
+    root = make_image_folder(tmp_path / "images", classes=2, per_class=3)
+    (root / "class_0" / "img_1.png").write_bytes(b"not an image")
+    good = (root / "class_0" / "img_2.png").read_bytes()
+    (root / "class_0" / "img_2.png").write_bytes(good[: len(good) // 2])  # truncated
+    dataset = ImageDataset(str(root), 32)
+    pixels, label, skipped = dataset[(1, 0)]
+    assert skipped == 2 and label == 1
+    assert torch.equal(pixels, dataset.load(3))
+    assert dataset.load(1) is None and dataset.load(2) is None
+
+
+def test_missing_and_empty_data_folders_get_one_sentence(tmp_path):
+    with pytest.raises(ValueError, match=r"the data folder .*nope does not exist"):
+        ImageDataset(str(tmp_path / "nope"), 32)
+    (tmp_path / "empty" / "class_0").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"the data folder .*empty holds no images; expected class folders"):
+        ImageDataset(str(tmp_path / "empty"), 32)
+
+
+def test_incomplete_feature_store_is_refused(tmp_path):
+    meta = {"count": 3, "latent_size": 2, "dtype": "float16", "image_size": 16, "classes": ["a"]}
+    create_feature_store(str(tmp_path), meta)
+    with pytest.raises(ValueError, match=r"is incomplete \(0 of 3 images\); rerun extract_features.py"):
+        FeatureDataset(str(tmp_path))
+    with pytest.raises(ValueError, match="is not a feature folder"):
+        FeatureDataset(str(tmp_path / "nothing"))
+
+
+def test_documented_bytes_per_image():
+    # README: 256 px images (32x32 latents) take 32 KiB per image in float16, 64 KiB in float32.
+    assert feature_bytes_per_image(32, "float16") == 32 * 1024 + 9
+    assert feature_bytes_per_image(32, "float32") == 64 * 1024 + 9

@@ -1,0 +1,240 @@
+"""train.py end to end on a CPU: one process and two gloo processes, exact resume, faults, bad input.
+
+Every run trains DiT-S/8 on 64 px images (8x8 latents: one token) of 3 classes with the
+tiny VAE; 24 images with a global batch of 8 make 3 steps per epoch.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import train
+from conftest import REPO, make_image_folder
+from diffusion import create_diffusion
+from models import DiT_models
+
+TINY = ["--model", "DiT-S/8", "--image-size", "64", "--num-classes", "3", "--global-batch-size", "8", "--num-workers", "0"]
+
+
+def train_args(data: Path, vae: Path, results: Path, *extra: str) -> list[str]:
+    return ["--data-path", str(data), "--vae-path", str(vae), "--results-dir", str(results), *TINY, *extra]
+
+
+def run_script(args: list[str], nproc: int = 1) -> subprocess.CompletedProcess:
+    """Run a script from the repo root as `python` (nproc 1) or under torchrun (gloo, nproc processes)."""
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    if nproc > 1:
+        env["OMP_NUM_THREADS"] = "1"  # two processes share the cores
+    result = subprocess.run(launcher + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"{args[0]} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+def read_metrics(experiment: Path) -> list[dict]:
+    return [json.loads(line) for line in (experiment / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_state_dicts_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.fixture(scope="module")
+def five_steps(tmp_path_factory, image_folder, tiny_vae_dir) -> Path:
+    """An uninterrupted run of 5 steps (through an epoch boundary) with a sample grid at step 5."""
+    results = tmp_path_factory.mktemp("results")
+    run_script(["train.py", *train_args(image_folder, tiny_vae_dir, results, "--max-steps", "5", "--log-every", "1",
+                                        "--sample-every", "5", "--sample-steps", "2")])
+    return results / "000-DiT-S-8"
+
+
+def test_one_process_run_writes_the_experiment_folder(five_steps):
+    assert sorted(os.listdir(five_steps)) == ["checkpoints", "log.txt", "metrics.jsonl", "samples"]
+    assert os.listdir(five_steps / "checkpoints") == ["0000005.pt"]  # the end of the run is always saved
+    log = (five_steps / "log.txt").read_text()
+    assert "(step=0000005) train loss:" in log and "done after 5 steps" in log
+
+    metrics = read_metrics(five_steps)
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5]
+    for m in metrics:
+        assert set(m) == {"step", "loss", "steps_per_sec", "images_per_sec", "lr", "grad_norm", "peak_memory_mb", "skipped_images"}
+        assert 0.5 < m["loss"] < 2 and m["grad_norm"] > 0 and m["peak_memory_mb"] > 100 and m["lr"] == 1e-4
+        assert m["images_per_sec"] == pytest.approx(8 * m["steps_per_sec"]) and m["skipped_images"] == 0
+
+    grid = Image.open(five_steps / "samples" / "0000005.png")
+    assert grid.size == (4 * 64 + 5 * 2, 2 * 64 + 3 * 2)  # 8 images, 4 per row, 2 px padding
+
+
+def test_checkpoint_format_and_loaders(five_steps):
+    from download import find_model
+
+    path = five_steps / "checkpoints" / "0000005.pt"
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    assert {"model", "ema", "opt", "args"} <= ckpt.keys()
+    assert (ckpt["step"], ckpt["epoch"], ckpt["epoch_step"], ckpt["world_size"], ckpt["dataset_size"]) == (5, 1, 2, 1, 24)
+    assert ckpt["args"]["model"] == "DiT-S/8" and isinstance(ckpt["args"], dict)
+    assert len(ckpt["rng"]) == 1 and ckpt["rng"][0]["cpu"].dtype == torch.uint8
+
+    model = DiT_models["DiT-S/8"](input_size=8, num_classes=3)
+    model.load_state_dict(ckpt["model"], strict=True)
+    model.load_state_dict(ckpt["ema"], strict=True)
+    # EMA with decay 0.9999 trails the model: close to it after 5 steps, but not equal.
+    diff = ckpt["model"]["final_layer.linear.weight"] - ckpt["ema"]["final_layer.linear.weight"]
+    assert 0 < diff.abs().max() < 1e-2
+    assert_state_dicts_equal(find_model(str(path)), ckpt["ema"])
+
+
+def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, five_steps, image_folder, tiny_vae_dir):
+    # Stop at step 3, the end of epoch 0, then continue with --resume auto (and a data worker).
+    args = train_args(image_folder, tiny_vae_dir, tmp_path, "--log-every", "1", "--resume", "auto")
+    run_script(["train.py", *args, "--max-steps", "3"])
+    experiment = tmp_path / "000-DiT-S-8"
+    assert "--resume auto found no checkpoint of DiT-S/8 in" in (experiment / "log.txt").read_text()
+    resumed = run_script(["train.py", *args, "--max-steps", "5", "--num-workers", "1"])
+    assert os.listdir(tmp_path) == ["000-DiT-S-8"]  # continued in the same folder
+    assert "resuming from" in resumed.stdout + resumed.stderr
+    assert sorted(os.listdir(experiment / "checkpoints")) == ["0000003.pt", "0000005.pt"]
+
+    ours = torch.load(experiment / "checkpoints" / "0000005.pt", weights_only=True)
+    reference = torch.load(five_steps / "checkpoints" / "0000005.pt", weights_only=True)
+    assert_state_dicts_equal(ours["model"], reference["model"])
+    assert_state_dicts_equal(ours["ema"], reference["ema"])
+    for a, b in zip(ours["opt"]["state"].values(), reference["opt"]["state"].values()):
+        assert_state_dicts_equal(a, b)
+    assert torch.equal(ours["rng"][0]["cpu"], reference["rng"][0]["cpu"])
+    assert [m["loss"] for m in read_metrics(experiment)] == [m["loss"] for m in read_metrics(five_steps)]
+
+
+def test_two_gloo_processes_with_bf16_and_grad_checkpointing(tmp_path, image_folder, tiny_vae_dir):
+    args = train_args(image_folder, tiny_vae_dir, tmp_path, "--max-steps", "2", "--log-every", "1",
+                      "--precision", "bf16", "--grad-checkpointing")
+    run_script(["train.py", *args], nproc=2)
+    experiment = tmp_path / "000-DiT-S-8"
+    metrics = read_metrics(experiment)
+    assert [m["step"] for m in metrics] == [1, 2] and all(0.5 < m["loss"] < 2 for m in metrics)
+    ckpt = torch.load(experiment / "checkpoints" / "0000002.pt", weights_only=True)
+    assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
+    assert not torch.equal(ckpt["rng"][0]["cpu"], ckpt["rng"][1]["cpu"])  # per-rank seeds
+    DiT_models["DiT-S/8"](input_size=8, num_classes=3).load_state_dict(ckpt["ema"], strict=True)
+
+    # The same checkpoint cannot be continued by one process: one sentence says why.
+    with pytest.raises(SystemExit, match=r"cannot resume from .*0000002.pt: it was trained with 2 processes \(now 1\); resume with the same settings"):
+        train.main([*args, "--resume", str(experiment / "checkpoints" / "0000002.pt"), "--max-steps", "3"])
+
+
+def first_losses(precision: str = "fp32", grad_checkpointing: bool = False, steps: int = 3) -> list[float]:
+    torch.manual_seed(0)
+    model = DiT_models["DiT-S/8"](input_size=8, num_classes=3)
+    model.set_grad_checkpointing(grad_checkpointing)
+    optimizer = train.build_optimizer(model, 1e-4, torch.device("cpu"))
+    diffusion = create_diffusion("")
+    losses = []
+    for _ in range(steps):
+        loss, norm = train.training_step(model, diffusion, optimizer, torch.randn(8, 4, 8, 8), torch.arange(8) % 3, precision, True)
+        assert loss.dtype == torch.float32 and torch.isfinite(loss) and torch.isfinite(norm)
+        losses.append(loss.item())
+    return losses
+
+
+def test_bf16_and_grad_checkpointing_match_fp32():
+    fp32 = first_losses()
+    assert first_losses(grad_checkpointing=True) == pytest.approx(fp32, rel=1e-5)
+    assert first_losses("bf16") == pytest.approx(fp32, rel=2e-2)
+
+
+def test_update_ema_is_the_reference_formula():
+    torch.manual_seed(0)
+    model = DiT_models["DiT-S/8"](input_size=8, num_classes=3)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    for p in model.parameters():
+        p.data.add_(torch.randn_like(p))
+    expected = {name: p.clone().mul_(0.99).add_(model.state_dict()[name], alpha=0.01) for name, p in ema.named_parameters()}
+    train.update_ema(ema, model, 0.99)
+    assert_state_dicts_equal(dict(ema.named_parameters()), expected)
+    train.update_ema(ema, model, 0.0)
+    assert_state_dicts_equal(ema.state_dict(), model.state_dict())
+
+
+def test_sample_grids_use_fixed_noise_and_leave_the_training_rng_alone(tiny_vae_dir):
+    from vae import load_vae
+
+    torch.manual_seed(0)
+    ema = DiT_models["DiT-S/8"](input_size=8, num_classes=3).eval()
+    for p in ema.parameters():
+        p.data.add_(0.01 * torch.randn_like(p))  # make the output depend on the weights
+    vae = load_vae("ema", torch.device("cpu"), str(tiny_vae_dir))
+    state = torch.get_rng_state()
+    first = train.sample_images(ema, vae, 3, num_classes=3, seed=0)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert first.shape == (train.SAMPLE_COUNT, 3, 64, 64) and torch.isfinite(first).all()
+    assert torch.equal(train.sample_images(ema, vae, 3, num_classes=3, seed=0), first)
+    assert not torch.equal(train.sample_images(ema, vae, 3, num_classes=3, seed=1), first)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, image_folder, tiny_vae_dir):
+    # lr 1e30: step 1 starts from sane weights (finite loss), then the weights are ~1e30.
+    args = train_args(image_folder, tiny_vae_dir, tmp_path, "--max-steps", "6", "--log-every", "1", "--ckpt-every", "1", "--lr", "1e30")
+    with pytest.raises(SystemExit, match=r"became non-finite at step 2; stopping without saving these weights \(last good checkpoint: .*0000001.pt\)"):
+        train.main(args)
+    experiment = tmp_path / "000-DiT-S-8"
+    assert os.listdir(experiment / "checkpoints") == ["0000001.pt"]
+    assert "non-finite at step 2" in (experiment / "log.txt").read_text()
+
+
+def test_unreadable_images_are_skipped_and_counted(tmp_path, tiny_vae_dir):
+    data = make_image_folder(tmp_path / "images", classes=2, per_class=4)
+    (data / "class_0" / "img_0.png").write_bytes(b"\x89PNG broken")
+    (data / "class_1" / "img_2.png").write_bytes(b"")
+    # A global batch of all 8 images: the 2 broken files are drawn (and replaced) in step 1.
+    train.main(train_args(data, tiny_vae_dir, tmp_path / "results", "--max-steps", "1", "--log-every", "1"))
+    experiment = tmp_path / "results" / "000-DiT-S-8"
+    assert read_metrics(experiment)[0]["skipped_images"] == 2
+    log = (experiment / "log.txt").read_text()
+    assert "unreadable images skipped so far: 2" in log and "skipping unreadable image" in log
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"--data-path": "MISSING"}, r"the data folder .*missing does not exist"),
+        ({"--data-path": "EMPTY"}, r"the data folder .*empty holds no images"),
+        ({"--data-path": None}, r"pass --data-path \(an image folder\) or --feature-path"),
+        ({"--image-size": "100"}, r"--image-size 100 is not a multiple of 8 \(the VAE downsamples by 8\)"),
+        ({"--image-size": "72"}, r"--image-size 72 gives 9x9 latents, which DiT-S/8 cannot cut into 8x8 patches; use a multiple of 64"),
+        ({"--resume": "MISSING"}, r"--resume .*missing does not exist"),
+        ({"--num-classes": "2"}, r"the data has 3 classes but --num-classes is 2"),
+        ({"--global-batch-size": "32"}, r"the dataset has 24 images, fewer than --global-batch-size 32"),
+    ],
+)
+def test_bad_input_gets_one_sentence_before_any_work(tmp_path, image_folder, tiny_vae_dir, change, message):
+    (tmp_path / "empty").mkdir()
+    args = dict(zip(*[iter(train_args(image_folder, tiny_vae_dir, tmp_path / "results"))] * 2))
+    for flag, value in change.items():
+        args[flag] = {"MISSING": str(tmp_path / "missing"), "EMPTY": str(tmp_path / "empty")}.get(value, value)
+    argv = [item for flag, value in args.items() if value is not None for item in (flag, value)]
+    with pytest.raises(SystemExit, match=message):
+        train.main(argv)
+    assert not (tmp_path / "results").exists()
+
+
+def test_global_batch_must_divide_by_the_world_size(image_folder):
+    args = train.parse_args(["--data-path", str(image_folder), "--global-batch-size", "8"])
+    with pytest.raises(SystemExit, match=r"--global-batch-size 8 is not divisible by the world size 3"):
+        train.validate_args(args, world_size=3)
+
+
+def test_resume_with_another_global_batch_is_refused(tmp_path, five_steps, image_folder, tiny_vae_dir):
+    args = train_args(image_folder, tiny_vae_dir, tmp_path, "--resume", str(five_steps / "checkpoints" / "0000005.pt"))
+    args[args.index("--global-batch-size") + 1] = "4"
+    with pytest.raises(SystemExit, match=r"it was trained with --global-batch-size 8 \(now 4\); resume with the same settings"):
+        train.main(args)
