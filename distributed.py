@@ -25,11 +25,16 @@ class DistInfo:
         return self.rank == 0
 
 
+def default_device() -> torch.device:
+    """The GPU when there is one, else the CPU (single-process runs)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def setup_distributed() -> DistInfo:
     """Join the torchrun process group (nccl on GPUs, gloo on CPUs) or run as one process."""
     use_cuda = torch.cuda.is_available()
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cuda" if use_cuda else "cpu"))
+        return DistInfo(rank=0, local_rank=0, world_size=1, device=default_device())
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if use_cuda:
         device = torch.device("cuda", local_rank % torch.cuda.device_count())

@@ -1,0 +1,111 @@
+"""What sample.py and sample_ddp.py share: a DiT loaded for sampling, the sampler, the guided loop."""
+from __future__ import annotations
+
+import functools
+from typing import Callable, Sequence
+
+import torch
+
+from diffusion import create_diffusion
+from diffusion.respace import SpacedDiffusion
+from download import PRETRAINED_MODELS, find_model
+from models import DiT, DiT_models, check_state_dict
+from precision import autocast
+
+SAMPLERS = ("ddpm", "ddim")
+# Bad input surfaces as one of these while a script sets up; scripts print it as one line.
+SETUP_ERRORS = (ValueError, OSError, RuntimeError)
+
+
+def latent_size(image_size: int) -> int:
+    """The VAE maps an image of side S to a latent of side S / 8."""
+    if image_size <= 0 or image_size % 8:
+        raise ValueError(f"--image-size must be a positive multiple of 8 (the VAE downsamples by 8), got {image_size}")
+    return image_size // 8
+
+
+def check_labels(labels: Sequence[int], num_classes: int) -> None:
+    """Check class labels on the host, before they reach an accelerator."""
+    bad = [label for label in labels if not 0 <= label < num_classes]
+    if bad:
+        raise ValueError(f"class labels must lie in [0, {num_classes - 1}] for --num-classes {num_classes}, got {bad}")
+
+
+def default_checkpoint(model_name: str, image_size: int) -> str:
+    """The released checkpoint for this model and size; only DiT-XL/2 at 256 and 512 px has one."""
+    name = f"DiT-XL-2-{image_size}x{image_size}.pt"
+    if model_name != "DiT-XL/2" or name not in PRETRAINED_MODELS:
+        raise ValueError(
+            f"there is no released checkpoint for {model_name} at {image_size} px (only DiT-XL/2 at 256 "
+            f"and 512 px); pass --ckpt PATH"
+        )
+    return name
+
+
+def load_model(model_name: str, image_size: int, num_classes: int, ckpt: str | None, device: torch.device) -> DiT:
+    """The DiT `model_name` with the weights of `ckpt` (default: the released one), in eval mode.
+
+    The model is built on the meta device, so the weights are not initialised only to be
+    overwritten; a checkpoint that does not fit fails naming the expected and found shapes.
+    """
+    if model_name not in DiT_models:
+        raise ValueError(f"unknown model {model_name!r}; choose one of {', '.join(DiT_models)}")
+    with torch.device("meta"):
+        model = DiT_models[model_name](input_size=latent_size(image_size), num_classes=num_classes)
+    ckpt = ckpt or default_checkpoint(model_name, image_size)
+    state_dict = find_model(ckpt)
+    check_state_dict(
+        model, state_dict, what=f"checkpoint {ckpt} (for {model_name}, --image-size {image_size}, --num-classes {num_classes})"
+    )
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    return model.to(device=device, dtype=torch.float32).eval()
+
+
+def create_sampler(num_steps: int, sampler: str) -> SpacedDiffusion:
+    """DDPM over `num_steps` evenly spaced steps, or DDIM over `num_steps` steps at an integer stride."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if not 1 <= num_steps <= 1000:
+        raise ValueError(f"--num-sampling-steps must lie in [1, 1000], got {num_steps}")
+    respacing = f"ddim{num_steps}" if sampler == "ddim" else str(num_steps)
+    try:
+        return create_diffusion(respacing)
+    except ValueError as error:
+        raise ValueError(f"--num-sampling-steps {num_steps} does not work with --sampler {sampler}: {error}") from error
+
+
+def denoise(
+    model: DiT,
+    diffusion: SpacedDiffusion,
+    z: torch.Tensor,
+    y: torch.Tensor,
+    cfg_scale: float | None,
+    sampler: str = "ddpm",
+    precision: str = "fp32",
+    all_eps_channels: bool = False,
+    noise_fn: Callable[[torch.Tensor], torch.Tensor] = torch.randn_like,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Run the reverse process from starting latents z (N, C, L, L) with labels y (N,).
+
+    With a cfg_scale the batch is [z; z] with labels [y; null] and the model's guided
+    forward (DiT's classifier-free guidance); None samples without guidance. Returns the
+    N final latents. The model runs under `precision`; the diffusion arithmetic stays fp32.
+    """
+    if cfg_scale is None:
+        x, labels, forward = z, y, model.forward
+    else:
+        x = torch.cat([z, z])
+        labels = torch.cat([y, torch.full_like(y, model.num_classes)])
+        forward = functools.partial(model.forward_with_cfg, cfg_scale=cfg_scale, all_eps_channels=all_eps_channels)
+
+    def model_fn(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with autocast(precision, x.device):
+            return forward(x, t, y).float()
+
+    loop = diffusion.ddim_sample_loop if sampler == "ddim" else diffusion.p_sample_loop
+    samples = loop(
+        model_fn, x.shape, x, clip_denoised=False, model_kwargs=dict(y=labels),
+        progress=progress, device=x.device, noise_fn=noise_fn,
+    )
+    return samples[: len(z)]

@@ -1,0 +1,184 @@
+"""sample.py and the shared sampling plumbing: reference protocol, determinism, options, bad input."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, assert_close_to_reference, load_golden
+from PIL import Image
+from torchvision.utils import save_image
+
+import sample
+from diffusion import create_diffusion
+from models import DiT, DiT_models
+from precision import configure_precision
+from sampling import create_sampler, denoise
+from vae import load_vae
+
+STEPS = 5
+LABELS = [0, 1, 2, 3, 4]
+
+
+def tiny_args(ckpts: dict, vae_dir, out, *extra: str) -> list[str]:
+    return [
+        "--model", ckpts["model"], "--image-size", str(ckpts["image_size"]), "--num-classes", str(ckpts["num_classes"]),
+        "--ckpt", str(ckpts["training"]), "--vae-path", str(vae_dir), "--num-sampling-steps", str(STEPS),
+        "--class-labels", *map(str, LABELS), "--out", str(out), *extra,
+    ]
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+
+
+def run_cli(args: list[str]) -> None:
+    # One thread: tiny matmuls gain nothing from more, and lose a lot on a busy machine.
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, str(REPO / "sample.py"), *args], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.fixture(scope="module")
+def cli_grid(tiny_dit_ckpts, tiny_vae_dir, tmp_path_factory):
+    """sample.py run as a script, once from the training checkpoint and once from the bare weights."""
+    folder = tmp_path_factory.mktemp("sample_cli")
+    training, bare = folder / "training.png", folder / "bare.png"
+    run_cli(tiny_args(tiny_dit_ckpts, tiny_vae_dir, training))
+    run_cli(tiny_args(dict(tiny_dit_ckpts, training=tiny_dit_ckpts["bare"]), tiny_vae_dir, bare))
+    return training, bare
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """As in the scripts' runs (OMP_NUM_THREADS=1): same float rounding, and fast on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_in_process(ckpts: dict, vae_dir, out, *extra: str):
+    try:
+        sample.main(tiny_args(ckpts, vae_dir, out, *extra))
+    finally:
+        configure_precision("fp32")
+    return pixels(out)
+
+
+# ---------------------------------------------------------------- reference vectors
+
+@pytest.fixture(scope="module")
+def reference_model() -> DiT:
+    golden = load_golden("model_tiny")
+    model = DiT(**golden["config"])
+    model.load_state_dict(golden["state_dict"])
+    return model.eval()
+
+
+def test_guided_ddpm_matches_reference_loop(reference_model):
+    """The reference's loop with CFG: latent from a fresh seed, batch [z; z], labels [y; null]."""
+    case = load_golden("sampling")["ddpm10_cfg4_seed0"]
+    torch.manual_seed(0)
+    z = torch.randn(2, 4, 8, 8)
+    latents = denoise(reference_model, create_sampler(10, "ddpm"), z, case["y"][:2], cfg_scale=4.0)
+    assert case["y"][2:].tolist() == [10, 10]  # null label = num_classes
+    assert_close_to_reference(latents, case["sample"][:2], rel=1e-4)
+
+
+def test_ddim_matches_reference_loop(reference_model):
+    case = load_golden("sampling")["ddim10_eta0.0_seed2"]
+    torch.manual_seed(2)
+    z = torch.randn(2, 4, 8, 8)
+    latents = denoise(reference_model, create_sampler(10, "ddim"), z, case["y"], cfg_scale=None, sampler="ddim")
+    assert_close_to_reference(latents, case["sample"], rel=1e-4)
+
+
+# ---------------------------------------------------------------- the script
+
+def test_grid_has_four_images_per_row(cli_grid):
+    # save_image's grid: 2 px padding around 64 px tiles; 5 images -> 4 columns, 2 rows.
+    assert Image.open(cli_grid[0]).size == (4 * 66 + 2, 2 * 66 + 2)
+
+
+def test_same_seed_same_image_and_ema_weights_are_used(cli_grid):
+    # The training checkpoint's `model` entry differs from `ema`: equal grids mean `ema` was used.
+    training, bare = map(pixels, cli_grid)
+    np.testing.assert_array_equal(training, bare)
+    assert training.std() > 5, "a blank grid"
+
+
+def test_script_follows_the_reference_protocol(cli_grid, tiny_dit_ckpts, tiny_vae_dir, tmp_path):
+    """Rebuild the grid step by step as the spec describes the original sample.py."""
+    seed, cfg_scale = 0, 4.0
+    torch.manual_seed(seed)
+    model = DiT_models["DiT-S/8"](input_size=8, num_classes=10)
+    model.load_state_dict(torch.load(tiny_dit_ckpts["bare"], weights_only=True))
+    model.eval()
+    diffusion = create_diffusion(str(STEPS))
+    vae = load_vae("mse", torch.device("cpu"), str(tiny_vae_dir))
+    torch.manual_seed(seed)
+    z = torch.randn(len(LABELS), 4, 8, 8)
+    z = torch.cat([z, z], 0)
+    y = torch.cat([torch.tensor(LABELS), torch.tensor([10] * len(LABELS))], 0)
+    with torch.no_grad():
+        samples = diffusion.p_sample_loop(
+            model.forward_with_cfg, z.shape, z, clip_denoised=False, model_kwargs=dict(y=y, cfg_scale=cfg_scale)
+        )
+        samples, _ = samples.chunk(2, dim=0)
+        images = vae.decode(samples / 0.18215).sample
+    expected = tmp_path / "expected.png"
+    save_image(images, expected, nrow=4, normalize=True, value_range=(-1, 1))
+    difference = np.abs(pixels(cli_grid[0]) - pixels(expected))
+    assert difference.max() <= 1, "more than float noise between the script and the protocol"
+
+
+def test_seed_sampler_guidance_and_precision_options(tiny_dit_ckpts, tiny_vae_dir, cli_grid, tmp_path):
+    reference = pixels(cli_grid[0])
+    out = tmp_path / "grid.png"
+    other_seed = run_in_process(tiny_dit_ckpts, tiny_vae_dir, out, "--seed", "1")
+    all_channels = run_in_process(tiny_dit_ckpts, tiny_vae_dir, out, "--cfg-all-eps-channels")
+    ddim = run_in_process(tiny_dit_ckpts, tiny_vae_dir, out, "--sampler", "ddim")
+    bf16 = run_in_process(tiny_dit_ckpts, tiny_vae_dir, out, "--precision", "bf16")
+    for name, grid in (("--seed 1", other_seed), ("--sampler ddim", ddim)):
+        assert grid.shape == reference.shape
+        assert np.abs(grid - reference).mean() > 1, f"{name} did not change the grid"
+    # Guiding the 4th eps channel too changes the picture a little.
+    assert (all_channels != reference).any()
+    # bf16 matmuls change the last bits, not the picture.
+    assert np.abs(bf16 - reference).mean() < 2
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--image-size", "60"], "--image-size must be a positive multiple of 8"),
+        (["--image-size", "72"], "latent size 9 is not divisible by the patch size 8"),
+        (["--image-size", "128"], "pos_embed expected (1, 4, 384) found (1, 1, 384)"),
+        (["--num-classes", "20"], "y_embedder.embedding_table.weight expected (21, 384) found (11, 384)"),
+        (["--class-labels", "3", "10"], "class labels must lie in [0, 9] for --num-classes 10, got [10]"),
+        (["--ckpt", "missing.pt"], "checkpoint missing.pt does not exist; pass --ckpt PATH"),
+        (["--sampler", "ddim", "--num-sampling-steps", "300"], "--num-sampling-steps 300 does not work with --sampler ddim"),
+        (["--out", "grid"], "--out grid needs an image file extension"),
+        (["--vae-path", "no-such-folder"], "--vae-path no-such-folder is not a diffusers AutoencoderKL folder"),
+    ],
+)
+def test_bad_input_fails_in_one_sentence_before_writing(tiny_dit_ckpts, tiny_vae_dir, tmp_path, monkeypatch, extra, message):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "grid.png"
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main(tiny_args(tiny_dit_ckpts, tiny_vae_dir, out) + extra)
+    text = str(exit_info.value.code)
+    assert text.startswith("sample.py: error: ") and "\n" not in text
+    assert message in text
+    assert not out.exists() and os.listdir(tmp_path) == []
+
+
+def test_other_models_need_a_checkpoint(tiny_vae_dir, tmp_path):
+    with pytest.raises(SystemExit, match="no released checkpoint for DiT-S/8 at 64 px .*; pass --ckpt PATH"):
+        sample.main(["--model", "DiT-S/8", "--image-size", "64", "--vae-path", str(tiny_vae_dir), "--out", str(tmp_path / "x.png")])
