@@ -1,0 +1,163 @@
+"""extract_features.py and training from its output: the store holds the VAE posterior of each
+image and of its mirror, and training from it draws latents from the same distribution as
+encoding the images on the fly."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import extract_features
+import train
+from conftest import make_image_folder
+from data import FeatureDataset, ImageDataset, feature_bytes_per_image, open_feature_arrays
+from test_train import TINY, read_metrics, run_script
+from vae import LATENT_SCALE, load_vae
+
+
+def extract_args(data: Path, vae: Path, out: Path, *extra: str) -> list[str]:
+    return ["--data-path", str(data), "--feature-path", str(out), "--image-size", "64", "--vae-path", str(vae), "--num-workers", "0", *extra]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, image_folder, tiny_vae_dir) -> Path:
+    """The float16 store of the 24 test images, encoded in one batch."""
+    out = tmp_path_factory.mktemp("features") / "f16"
+    run_script(["extract_features.py", *extract_args(image_folder, tiny_vae_dir, out, "--batch-size", "24")])
+    return out
+
+
+@pytest.fixture(scope="module")
+def store32(tmp_path_factory, image_folder, tiny_vae_dir) -> Path:
+    out = tmp_path_factory.mktemp("features") / "f32"
+    extract_features.main(extract_args(image_folder, tiny_vae_dir, out, "--batch-size", "24", "--dtype", "float32"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def on_the_fly(image_folder, tiny_vae_dir):
+    """The VAE posterior of the 24 images and their mirrors, encoded as one batch like the store."""
+    images = ImageDataset(str(image_folder), 64)
+    pixels = torch.stack([images[(i, 0)][0] for i in range(len(images))])
+    mirrored = torch.stack([images[(i, 1)][0] for i in range(len(images))])
+    vae = load_vae("ema", torch.device("cpu"), str(tiny_vae_dir))
+    with torch.no_grad():
+        posterior = vae.encode(torch.cat([pixels, mirrored])).latent_dist
+    return vae, torch.cat([pixels, mirrored]), posterior
+
+
+def as_pairs(x: torch.Tensor) -> torch.Tensor:
+    """(2N, ...) [images; mirrors] -> (N, 2, ...) as stored."""
+    return torch.stack(x.chunk(2), dim=1)
+
+
+def test_store_layout(store, image_folder):
+    meta = json.loads((store / "meta.json").read_text())
+    assert (meta["image_size"], meta["latent_size"], meta["count"], meta["dtype"]) == (64, 8, 24, "float16")
+    assert meta["classes"] == ["class_0", "class_1", "class_2"]
+    arrays = open_feature_arrays(str(store))
+    assert arrays["mean"].shape == arrays["std"].shape == (24, 2, 4, 8, 8)
+    assert arrays["mean"].dtype == np.float16 and arrays["done"].all()
+    assert arrays["labels"].tolist() == [label for _, label in ImageDataset(str(image_folder), 64).samples]
+    data_bytes = sum(os.path.getsize(store / f"{name}.npy") - 128 for name in ("mean", "std", "labels", "done"))
+    assert data_bytes == 24 * feature_bytes_per_image(8, "float16")  # each .npy has a 128-byte header
+
+
+def test_stored_mean_and_std_are_the_vae_posterior_of_image_and_mirror(store, on_the_fly):
+    _, _, posterior = on_the_fly
+    arrays = open_feature_arrays(str(store))
+    assert torch.equal(torch.from_numpy(np.array(arrays["mean"])), as_pairs(posterior.mean).half())
+    assert torch.equal(torch.from_numpy(np.array(arrays["std"])), as_pairs(posterior.std).half())
+
+
+def test_same_eps_gives_the_same_latents_float16(store, on_the_fly):
+    _, _, posterior = on_the_fly
+    dataset = FeatureDataset(str(store))
+    items = [dataset[(i, flip)] for flip in (0, 1) for i in range(24)]  # same order as the posterior batch
+    mean, std = torch.stack([item[0] for item in items]), torch.stack([item[1] for item in items])
+    torch.manual_seed(3)
+    ours = train.latents_from_features(mean, std)
+    torch.manual_seed(3)
+    eps = torch.randn(posterior.mean.shape)
+    expected = (posterior.mean.half().float() + posterior.std.half().float() * eps) * LATENT_SCALE
+    assert torch.equal(ours, expected)
+
+
+def test_same_eps_gives_the_same_latents_float32(store32, on_the_fly):
+    # Stored in float32, the feature path reproduces the VAE's own posterior sample bit for bit.
+    vae, pixels, _ = on_the_fly
+    arrays = open_feature_arrays(str(store32))
+    mean = torch.from_numpy(np.concatenate([arrays["mean"][:, 0], arrays["mean"][:, 1]]))
+    std = torch.from_numpy(np.concatenate([arrays["std"][:, 0], arrays["std"][:, 1]]))
+    torch.manual_seed(5)
+    ours = train.latents_from_features(mean, std)
+    torch.manual_seed(5)
+    assert torch.equal(ours, train.latents_from_images(vae, pixels))
+
+
+def test_training_from_features_matches_training_from_images(tmp_path, store32, image_folder, tiny_vae_dir):
+    common = ["--vae-path", str(tiny_vae_dir), *TINY, "--max-steps", "2", "--log-every", "1"]
+    train.main([*common, "--data-path", str(image_folder), "--results-dir", str(tmp_path / "images")])
+    train.main([*common, "--feature-path", str(store32), "--results-dir", str(tmp_path / "features")])
+    from_images = [m["loss"] for m in read_metrics(tmp_path / "images" / "000-DiT-S-8")]
+    from_features = [m["loss"] for m in read_metrics(tmp_path / "features" / "000-DiT-S-8")]
+    # Same data order, flips and random draws; only the VAE's batch composition differs (float noise).
+    assert from_features == pytest.approx(from_images, rel=1e-5)
+
+
+def test_interrupted_extraction_continues_under_torchrun(tmp_path, store, image_folder, tiny_vae_dir):
+    partial = tmp_path / "partial"
+    shutil.copytree(store, partial)
+    arrays = open_feature_arrays(str(partial), writable=True)
+    lost = [1, 2, 5, 11, 17, 23]  # as if killed before these rows were written
+    for name in ("mean", "std", "labels", "done"):
+        arrays[name][lost] = 0
+        arrays[name].flush()
+    run_script(["extract_features.py", *extract_args(image_folder, tiny_vae_dir, partial, "--batch-size", "2")], nproc=2)
+
+    finished, reference = open_feature_arrays(str(partial)), open_feature_arrays(str(store))
+    assert finished["done"].all() and np.array_equal(finished["labels"], reference["labels"])
+    kept = [i for i in range(24) if i not in lost]
+    for name in ("mean", "std"):
+        assert np.array_equal(finished[name][kept], reference[name][kept])  # untouched rows stay as they were
+        # Re-encoded rows: equal up to float noise from another batch composition, seen through float16.
+        np.testing.assert_allclose(finished[name][lost].astype(np.float32), reference[name][lost].astype(np.float32), rtol=2e-3, atol=1e-4)
+
+
+def test_extraction_into_a_store_of_other_settings_is_refused(store, image_folder, tiny_vae_dir):
+    args = extract_args(image_folder, tiny_vae_dir, store)
+    args[args.index("--image-size") + 1] = "128"
+    with pytest.raises(SystemExit, match=r"holds features made with other settings: image_size 64 \(now 128\); pass another --feature-path"):
+        extract_features.main(args)
+
+
+def test_training_refuses_features_of_another_image_size_or_vae(tmp_path, store, tiny_vae_dir):
+    args = ["--feature-path", str(store), "--vae-path", str(tiny_vae_dir), "--results-dir", str(tmp_path), *TINY]
+    wrong_size = [*args[: args.index("--image-size") + 1], "128", *args[args.index("--image-size") + 2 :]]
+    with pytest.raises(SystemExit, match=r"were extracted at --image-size 64, not 128"):
+        train.main(wrong_size)
+
+    other_vae = load_vae("ema", torch.device("cpu"), str(tiny_vae_dir))
+    with torch.no_grad():
+        other_vae.encoder.conv_in.bias.add_(1.0)
+    other_vae.save_pretrained(tmp_path / "other_vae")
+    args[args.index("--vae-path") + 1] = str(tmp_path / "other_vae")
+    with pytest.raises(SystemExit, match=r"were extracted with another VAE \(.*\) than .*other_vae"):
+        train.main(args)
+    assert not (tmp_path / "000-DiT-S-8").exists()
+
+
+def test_unreadable_images_are_marked_and_skipped(tmp_path, tiny_vae_dir):
+    data = make_image_folder(tmp_path / "images", classes=2, per_class=2)
+    (data / "class_0" / "img_1.png").write_bytes(b"broken")
+    extract_features.main(extract_args(data, tiny_vae_dir, tmp_path / "features", "--batch-size", "4"))
+    dataset = FeatureDataset(str(tmp_path / "features"))
+    assert dataset.labels.tolist() == [0, -1, 1, 1]
+    mean, std, label, skipped = dataset[(1, 1)]
+    assert (label, skipped) == (1, 1)
+    assert torch.equal(mean, dataset[(2, 1)][0]) and torch.equal(std, dataset[(2, 1)][1])
