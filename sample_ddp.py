@@ -1,0 +1,259 @@
+"""Sample an image set for FID in parallel: one PNG per image, then one .npz for ADM's evaluator.
+
+  torchrun --nnodes=1 --nproc_per_node=8 sample_ddp.py --model DiT-XL/2 --num-fid-samples 50000
+  python sample_ddp.py --model DiT-S/8 --image-size 64 --ckpt CKPT --num-fid-samples 100   # one process
+
+Image i's starting latent, its label and its noise at every step come from numpy's
+generator seeded with [global_seed, i] alone. The model always runs on a fixed block of
+--micro-batch-size images, and image i always sits at row i % micro-batch-size of block
+i // micro-batch-size (rows without an image to make are padding), so float rounding, which
+depends on the batch shape and on kernels' tiling, is the same for image i in every run:
+each image is bit-identical whatever the number of processes and --per-proc-batch-size
+(on the same hardware and software; on CPUs the thread count counts too). A run that is
+stopped can be started again with the same flags: the valid PNGs are kept and only the
+others are sampled.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import struct
+import sys
+import zipfile
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from tqdm.auto import tqdm
+
+from distributed import barrier, cleanup_distributed, setup_distributed
+from images import to_uint8
+from models import DiT, DiT_models
+from precision import PRECISIONS, configure_precision
+from sampling import SAMPLERS, SETUP_ERRORS, create_sampler, denoise, latent_size, load_model
+from vae import HUB_VAES, decode, load_vae
+
+SETTINGS_FILE = "sampling_settings.json"
+# The flags that decide the pixels: a folder's PNGs are only reused when all of them agree.
+RECIPE = (
+    "model", "ckpt", "image_size", "num_classes", "vae", "vae_path", "cfg_scale", "cfg_all_eps_channels",
+    "num_sampling_steps", "sampler", "precision", "global_seed", "micro_batch_size",
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Sample a set of images for FID from a DiT, over any number of processes.")
+    parser.add_argument("--model", type=str, choices=list(DiT_models), default="DiT-XL/2")
+    parser.add_argument("--vae", type=str, choices=list(HUB_VAES), default="ema")
+    parser.add_argument("--vae-path", type=str, default=None, help="local diffusers AutoencoderKL folder (instead of the hub)")
+    parser.add_argument("--sample-dir", type=str, default="samples")
+    parser.add_argument(
+        "--per-proc-batch-size", type=int, default=32,
+        help="images a process takes on at a time, in whole blocks of --micro-batch-size; changes no pixel",
+    )
+    parser.add_argument(
+        "--micro-batch-size", type=int, default=32,
+        help="images per model call; part of the recipe (float rounding depends on it); raise it for throughput",
+    )
+    parser.add_argument("--num-fid-samples", type=int, default=50_000)
+    parser.add_argument("--image-size", type=int, default=256, help="a multiple of 8 whose latent the patch size divides")
+    parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument("--cfg-scale", type=float, default=1.5, help="guidance is used when it is above 1")
+    parser.add_argument(
+        "--cfg-all-eps-channels", action="store_true",
+        help="guide all 4 noise channels (textbook CFG); by default only the first 3, as the original",
+    )
+    parser.add_argument("--num-sampling-steps", type=int, default=250)
+    parser.add_argument("--sampler", type=str, choices=SAMPLERS, default="ddpm", help="ddim: eta 0, steps at an integer stride")
+    parser.add_argument("--global-seed", type=int, default=0)
+    parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True, help="shorthand for --precision tf32 / fp32")
+    parser.add_argument("--precision", type=str, choices=PRECISIONS, default=None, help="overrides --tf32")
+    parser.add_argument("--ckpt", type=str, default=None, help="checkpoint to sample from (default: the released DiT-XL/2)")
+    args = parser.parse_args(argv)
+    if args.precision is None:
+        args.precision = "tf32" if args.tf32 else "fp32"
+    return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    for flag in ("per_proc_batch_size", "micro_batch_size", "num_fid_samples"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if args.global_seed < 0:
+        raise ValueError(f"--global-seed must be non-negative, got {args.global_seed}")
+
+
+def sample_folder(args: argparse.Namespace) -> str:
+    """The original's folder name: model, checkpoint, size, VAE, guidance scale and seed."""
+    model_name = args.model.replace("/", "-")
+    ckpt_name = os.path.basename(args.ckpt).replace(".pt", "") if args.ckpt else "pretrained"
+    vae_name = os.path.basename(os.path.normpath(args.vae_path)) if args.vae_path else args.vae
+    return os.path.join(
+        args.sample_dir,
+        f"{model_name}-{ckpt_name}-size-{args.image_size}-vae-{vae_name}-cfg-{args.cfg_scale}-seed-{args.global_seed}",
+    )
+
+
+def recipe(args: argparse.Namespace) -> dict:
+    settings = {key: getattr(args, key) for key in RECIPE}
+    for key in ("ckpt", "vae_path"):
+        if settings[key] is not None:
+            settings[key] = os.path.abspath(settings[key])
+    return settings
+
+
+def check_settings(folder: str, args: argparse.Namespace, is_main: bool) -> None:
+    """Refuse to add to a folder sampled with other settings; record them in a new one."""
+    path = os.path.join(folder, SETTINGS_FILE)
+    wanted = recipe(args)
+    if os.path.isfile(path):
+        with open(path) as f:
+            found = json.load(f)
+        differ = [f"{key} {found.get(key)!r} there, {wanted[key]!r} now" for key in RECIPE if found.get(key) != wanted[key]]
+        if differ:
+            raise ValueError(
+                f"{folder} holds samples made with other settings ({'; '.join(differ)}); "
+                f"pass another --sample-dir or remove the folder"
+            )
+    elif is_main:  # written whole, so that the other processes never read half a file
+        with open(path + ".tmp", "w") as f:
+            json.dump(wanted, f, indent=2)
+        os.replace(path + ".tmp", path)
+
+
+def png_path(folder: str, index: int) -> str:
+    return os.path.join(folder, f"{index:06d}.png")
+
+
+def is_valid_png(path: str, image_size: int) -> bool:
+    """A complete RGB image of the right size (a truncated file fails to decode)."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.format == "PNG" and image.mode == "RGB" and image.size == (image_size, image_size)
+    except (OSError, SyntaxError, ValueError, struct.error):
+        return False
+
+
+def missing_indices(folder: str, num_samples: int, image_size: int, rank: int, world_size: int) -> list[int]:
+    """Indices without a valid PNG; each process checks a share of the files, all get the whole list."""
+    mine = [i for i in range(rank, num_samples, world_size) if not is_valid_png(png_path(folder, i), image_size)]
+    if not dist.is_initialized():
+        return mine
+    shares: list[list[int]] = [[] for _ in range(world_size)]
+    dist.all_gather_object(shares, mine)
+    return sorted(i for share in shares for i in share)
+
+
+def image_generators(global_seed: int, indices: list[int]) -> list[np.random.Generator]:
+    """One generator per image, seeded by (global_seed, index) alone."""
+    return [np.random.default_rng([global_seed, index]) for index in indices]
+
+
+def per_image_noise(generators: list[np.random.Generator], positions: list[int], rows: int):
+    """noise_fn for the sampling loop: each image's row gets noise from its own generator,
+    padding rows get zeros, and a guided batch repeats it for its unconditional half."""
+
+    def noise_fn(x: torch.Tensor) -> torch.Tensor:
+        noise = torch.zeros(rows, *x.shape[1:])
+        for row, generator in zip(positions, generators):
+            noise[row] = torch.from_numpy(generator.standard_normal(tuple(x.shape[1:]), dtype=np.float32))
+        return noise.repeat(len(x) // rows, 1, 1, 1).to(x.device)
+
+    return noise_fn
+
+
+def deal_blocks(missing: list[int], block_size: int, per_turn: int, rank: int, world_size: int) -> list[list[int]]:
+    """This process's share of the work: the missing indices grouped by block, the blocks
+    dealt out to the processes `per_turn` at a time."""
+    blocks: dict[int, list[int]] = {}
+    for index in missing:
+        blocks.setdefault(index // block_size, []).append(index)
+    ordered = [blocks[key] for key in sorted(blocks)]
+    turns = [ordered[start : start + per_turn] for start in range(0, len(ordered), per_turn)]
+    return [block for turn in turns[rank::world_size] for block in turn]
+
+
+def sample_block(model: DiT, diffusion, vae, indices: list[int], args: argparse.Namespace, device: torch.device) -> np.ndarray:
+    """(len(indices), H, W, 3) uint8 images for indices of one block, each sampled at its own row."""
+    rows, size = args.micro_batch_size, latent_size(args.image_size)
+    positions = [index % rows for index in indices]
+    generators = image_generators(args.global_seed, indices)
+    # Per image: its starting latent, then its label, then one noise draw per step.
+    z = np.zeros((rows, model.in_channels, size, size), dtype=np.float32)
+    y = np.zeros(rows, dtype=np.int64)
+    for row, generator in zip(positions, generators):
+        z[row] = generator.standard_normal(z.shape[1:], dtype=np.float32)
+        y[row] = generator.integers(args.num_classes)
+    latents = denoise(
+        model, diffusion, torch.from_numpy(z).to(device), torch.from_numpy(y).to(device),
+        args.cfg_scale if args.cfg_scale > 1.0 else None, sampler=args.sampler, precision=args.precision,
+        all_eps_channels=args.cfg_all_eps_channels, noise_fn=per_image_noise(generators, positions, rows),
+    )
+    return to_uint8(decode(vae, latents))[positions]
+
+
+def save_png(pixels: np.ndarray, path: str) -> None:
+    """Write through a temporary file so that a killed run leaves no half-written PNG."""
+    tmp_path = path + ".tmp"
+    Image.fromarray(pixels).save(tmp_path, format="PNG")
+    os.replace(tmp_path, path)
+
+
+def write_npz(folder: str, num_samples: int, image_size: int) -> str:
+    """<folder>.npz with arr_0 (N, H, W, 3) uint8, streamed one PNG at a time (a 50K set is
+    ~10 GB at 256 px) into the same layout as np.savez."""
+    path = f"{folder}.npz"
+    tmp_path = path + ".tmp"
+    header = {"descr": "|u1", "fortran_order": False, "shape": (num_samples, image_size, image_size, 3)}
+    # A fixed timestamp makes equal sample sets give byte-identical files.
+    entry = zipfile.ZipInfo("arr_0.npy", date_time=(1980, 1, 1, 0, 0, 0))
+    with zipfile.ZipFile(tmp_path, "w") as archive, archive.open(entry, "w", force_zip64=True) as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        for index in tqdm(range(num_samples), desc="writing .npz", unit="img"):
+            with Image.open(png_path(folder, index)) as image:
+                f.write(np.asarray(image.convert("RGB"), dtype=np.uint8).tobytes())
+    os.replace(tmp_path, path)
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    info = setup_distributed()
+    try:
+        check_args(args)
+        configure_precision(args.precision)
+        model = load_model(args.model, args.image_size, args.num_classes, args.ckpt, info.device)
+        diffusion = create_sampler(args.num_sampling_steps, args.sampler)
+        vae = load_vae(args.vae, info.device, args.vae_path)
+        folder = sample_folder(args)
+        os.makedirs(folder, exist_ok=True)
+        check_settings(folder, args, info.is_main)
+    except SETUP_ERRORS as error:
+        cleanup_distributed()
+        sys.exit(f"sample_ddp.py: error: {error}")
+
+    missing = missing_indices(folder, args.num_fid_samples, args.image_size, info.rank, info.world_size)
+    per_turn = -(-args.per_proc_batch_size // args.micro_batch_size)
+    my_blocks = deal_blocks(missing, args.micro_batch_size, per_turn, info.rank, info.world_size)
+    if info.is_main:
+        print(f"{folder}: {args.num_fid_samples - len(missing)} of {args.num_fid_samples} images present, sampling {len(missing)}")
+    bar = tqdm(total=len(missing), unit="img", disable=not info.is_main)
+    for indices in my_blocks:
+        for index, pixels in zip(indices, sample_block(model, diffusion, vae, indices, args, info.device)):
+            save_png(pixels, png_path(folder, index))
+        # Rank 0 counts the other processes' images as equal to its own.
+        bar.update(min(len(indices) * info.world_size, bar.total - bar.n))
+    bar.close()
+
+    barrier()
+    if info.is_main:
+        path = write_npz(folder, args.num_fid_samples, args.image_size)
+        print(f"saved {path} with arr_0 of shape ({args.num_fid_samples}, {args.image_size}, {args.image_size}, 3)")
+    cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()

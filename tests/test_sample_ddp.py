@@ -1,0 +1,181 @@
+"""sample_ddp.py: the .npz format, identical sets over 1 or 2 gloo processes, resuming, seeding."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO
+from PIL import Image
+
+import sample_ddp
+from models import DiT_models
+from sampling import create_sampler, denoise
+from vae import decode, load_vae
+
+NUM_IMAGES = 7
+STEPS = 5
+MICRO_BATCH = 4
+
+
+def ddp_args(ckpts: dict, vae_dir, sample_dir, per_proc_batch_size: int, *extra: str) -> list[str]:
+    return [
+        "--model", ckpts["model"], "--image-size", str(ckpts["image_size"]), "--num-classes", str(ckpts["num_classes"]),
+        "--ckpt", str(ckpts["training"]), "--vae-path", str(vae_dir), "--num-sampling-steps", str(STEPS),
+        "--num-fid-samples", str(NUM_IMAGES), "--micro-batch-size", str(MICRO_BATCH),
+        "--per-proc-batch-size", str(per_proc_batch_size), "--sample-dir", str(sample_dir), *extra,
+    ]
+
+
+def run(launcher: list[str], args: list[str]) -> None:
+    # The thread count decides float rounding on a CPU: every run here uses one thread.
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([*launcher, str(REPO / "sample_ddp.py"), *args], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def set_paths(sample_dir) -> tuple[str, str]:
+    (folder,) = [entry.path for entry in os.scandir(sample_dir) if entry.is_dir()]
+    return folder, folder + ".npz"
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_dit_ckpts, tiny_vae_dir, tmp_path_factory):
+    """Plain python, one process, 5 images per turn: blocks of 4 images, the last one padded."""
+    sample_dir = tmp_path_factory.mktemp("one_process")
+    run([sys.executable], ddp_args(tiny_dit_ckpts, tiny_vae_dir, sample_dir, 5))
+    return set_paths(sample_dir)
+
+
+def test_npz_holds_exactly_the_pngs(one_process, tiny_vae_dir):
+    folder, npz = one_process
+    arr = np.load(npz)["arr_0"]
+    assert arr.shape == (NUM_IMAGES, 64, 64, 3) and arr.dtype == np.uint8
+    assert sorted(name for name in os.listdir(folder) if name.endswith(".png")) == [f"{i:06d}.png" for i in range(NUM_IMAGES)]
+    for i in range(NUM_IMAGES):
+        np.testing.assert_array_equal(arr[i], np.asarray(Image.open(os.path.join(folder, f"{i:06d}.png"))))
+    # Every image has its own noise and label.
+    assert len({arr[i].tobytes() for i in range(NUM_IMAGES)}) == NUM_IMAGES
+    assert os.path.basename(folder) == f"DiT-S-8-0000010-size-64-vae-{tiny_vae_dir.name}-cfg-1.5-seed-0"
+
+
+def test_two_gloo_processes_with_another_batch_size_give_the_same_file(one_process, tiny_dit_ckpts, tiny_vae_dir, tmp_path):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    run(launcher, ddp_args(tiny_dit_ckpts, tiny_vae_dir, tmp_path, 3))
+    _, npz = set_paths(tmp_path)
+    with open(npz, "rb") as mine, open(one_process[1], "rb") as reference:
+        assert mine.read() == reference.read()
+
+
+def test_rerun_redoes_only_missing_and_truncated_pngs(one_process, tiny_dit_ckpts, tiny_vae_dir, tmp_path):
+    sample_dir = tmp_path / "samples"
+    folder = sample_dir / os.path.basename(one_process[0])
+    shutil.copytree(one_process[0], folder)
+    os.remove(folder / "000001.png")
+    os.remove(folder / "000006.png")
+    png = (folder / "000004.png").read_bytes()
+    (folder / "000004.png").write_bytes(png[: len(png) // 2])
+    kept = {name: (folder / name).stat().st_mtime_ns for name in ("000000.png", "000002.png", "000003.png", "000005.png")}
+
+    run([sys.executable], ddp_args(tiny_dit_ckpts, tiny_vae_dir, sample_dir, 2))
+    with open(f"{folder}.npz", "rb") as mine, open(one_process[1], "rb") as reference:
+        assert mine.read() == reference.read()
+    assert {name: (folder / name).stat().st_mtime_ns for name in kept} == kept, "valid PNGs were sampled again"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """In-process runs use one thread too: same float rounding as the scripts' runs here."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_every_model_call_has_one_shape_and_image_i_its_own_row(tiny_dit_ckpts, tiny_vae_dir, tmp_path, monkeypatch):
+    """Float rounding may depend on the batch shape and on the row (kernel tiling): image i is
+    always sampled at row i % micro-batch of a batch of micro-batch images."""
+    calls = []
+
+    def recording_denoise(model, diffusion, z, y, *args, **kwargs):
+        calls.append((z.clone(), y.clone()))
+        return denoise(model, diffusion, z, y, *args, **kwargs)
+
+    monkeypatch.setattr(sample_ddp, "denoise", recording_denoise)
+    sample_ddp.main(ddp_args(tiny_dit_ckpts, tiny_vae_dir, tmp_path, 3))
+    assert len(calls) == 2  # blocks [0, 4) and [4, 7) + one padding row
+    for block, (z, y) in enumerate(calls):
+        assert z.shape == (MICRO_BATCH, 4, 8, 8)
+        for row in range(MICRO_BATCH):
+            index = block * MICRO_BATCH + row
+            if index < NUM_IMAGES:
+                generator = np.random.default_rng([0, index])
+                np.testing.assert_array_equal(z[row].numpy(), generator.standard_normal((4, 8, 8), dtype=np.float32))
+                assert y[row] == generator.integers(10)
+
+
+def test_image_i_comes_from_its_own_generator(one_process, tiny_dit_ckpts, tiny_vae_dir):
+    """Image 5 rebuilt alone from numpy's generator seeded with [global_seed, 5], as documented:
+    latent, then label, then one noise draw per step; guidance 1.5 on the first 3 eps channels."""
+    generator = np.random.default_rng([0, 5])
+    z = torch.from_numpy(generator.standard_normal((1, 4, 8, 8), dtype=np.float32))
+    y = torch.tensor([int(generator.integers(10))])
+    model = DiT_models["DiT-S/8"](input_size=8, num_classes=10)
+    model.load_state_dict(torch.load(tiny_dit_ckpts["bare"], weights_only=True))
+    model.eval()
+
+    def noise_fn(x):
+        noise = torch.from_numpy(generator.standard_normal((1, 4, 8, 8), dtype=np.float32))
+        return torch.cat([noise, noise])
+
+    x = torch.cat([z, z])
+    labels = torch.cat([y, torch.tensor([10])])
+    latents = create_sampler(STEPS, "ddpm").p_sample_loop(
+        model.forward_with_cfg, x.shape, x, clip_denoised=False, model_kwargs=dict(y=labels, cfg_scale=1.5), noise_fn=noise_fn
+    )
+    image = decode(load_vae("ema", torch.device("cpu"), str(tiny_vae_dir)), latents[:1])
+    expected = torch.clamp(127.5 * image + 128.0, 0, 255).to(torch.uint8)[0].permute(1, 2, 0).numpy()
+    found = np.load(one_process[1])["arr_0"][5]
+    # Another batch shape, so float noise may move a few pixels by one level.
+    assert np.abs(found.astype(int) - expected).max() <= 1
+
+
+def test_folder_of_other_settings_is_refused_and_kept(one_process, tiny_dit_ckpts, tiny_vae_dir, tmp_path):
+    sample_dir = tmp_path / "samples"
+    folder = sample_dir / os.path.basename(one_process[0])
+    shutil.copytree(one_process[0], folder)
+    before = {name: (folder / name).read_bytes() for name in os.listdir(folder)}
+    with pytest.raises(SystemExit) as exit_info:
+        sample_ddp.main(ddp_args(tiny_dit_ckpts, tiny_vae_dir, sample_dir, 4, "--num-sampling-steps", "6"))
+    message = str(exit_info.value.code)
+    assert message.startswith("sample_ddp.py: error: ") and "\n" not in message
+    assert "num_sampling_steps 5 there, 6 now" in message
+    assert {name: (folder / name).read_bytes() for name in os.listdir(folder)} == before
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--num-fid-samples", "0"], "--num-fid-samples must be at least 1, got 0"),
+        (["--global-seed", "-1"], "--global-seed must be non-negative"),
+        (["--image-size", "128"], "pos_embed expected (1, 4, 384) found (1, 1, 384)"),
+    ],
+)
+def test_bad_input_fails_before_creating_anything(tiny_dit_ckpts, tiny_vae_dir, tmp_path, extra, message):
+    with pytest.raises(SystemExit, match=message.replace("(", r"\(").replace(")", r"\)")):
+        sample_ddp.main(ddp_args(tiny_dit_ckpts, tiny_vae_dir, tmp_path / "samples", 4, *extra))
+    assert not (tmp_path / "samples").exists()
+
+
+def test_deal_blocks_covers_every_missing_index_once():
+    missing = [0, 1, 2, 5, 8, 9, 13, 20]
+    shares = [sample_ddp.deal_blocks(missing, 4, 1, rank, 3) for rank in range(3)]
+    dealt = [index for share in shares for block in share for index in block]
+    assert sorted(dealt) == missing
+    for share in shares:
+        for block in share:
+            assert len({index // 4 for index in block}) == 1, "a model call mixes blocks"
