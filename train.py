@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import math
 import os
 import resource
 import time
@@ -75,10 +76,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_optimizer(model: torch.nn.Module, lr: float, device: torch.device) -> torch.optim.AdamW:
     """AdamW with weight decay 0, betas (0.9, 0.999); fused kernels on CUDA, foreach elsewhere."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    # All parameters, as the reference passes them (the frozen pos_embed never gets a gradient),
+    # so that optimizer state dicts index parameters alike.
     if device.type == "cuda":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=0, fused=True)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=0, foreach=True)
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0, fused=True)
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0, foreach=True)
 
 
 @torch.no_grad()
@@ -302,6 +304,48 @@ def peak_memory_mb(device: torch.device) -> float:
 # ----------------------------------------------------------------------------------------
 
 
+class RunningStats:
+    """Loss and skipped-image sums between log steps, kept on the devices until a log step."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss = torch.zeros((), device=self.device)
+        self.skipped = torch.zeros(())
+        self.steps = 0
+        self.start = time.time()
+
+    def add(self, loss: torch.Tensor, skipped: torch.Tensor) -> None:
+        self.loss += loss
+        self.skipped += skipped.sum()
+        self.steps += 1
+
+    def reduce(self, world_size: int) -> tuple[float, int, float]:
+        """Mean loss over steps and ranks, unreadable images met by all ranks, steps/s; then reset."""
+        means = all_reduce_mean(torch.stack([self.loss / self.steps, self.skipped.to(self.device)]))
+        loss, skipped = means[0].item(), round(means[1].item() * world_size)
+        steps_per_sec = self.steps / (time.time() - self.start)
+        self.reset()
+        return loss, skipped, steps_per_sec
+
+    def loss_sum_is_finite(self) -> bool:
+        """Whether every rank's losses since the last log step are finite (a collective call)."""
+        return bool(all_reduce_mean(self.loss.clone()).isfinite())
+
+
+def batch_to_device(batch: list, vae: torch.nn.Module | None, using_features: bool, device: torch.device):
+    """A loader batch -> (latents, labels, number of unreadable images replaced)."""
+    if using_features:
+        mean, std, labels, skipped = batch
+        latents = latents_from_features(mean.to(device, non_blocking=True), std.to(device, non_blocking=True))
+    else:
+        images, labels, skipped = batch
+        latents = latents_from_images(vae, images.to(device, non_blocking=True))
+    return latents, labels.to(device, non_blocking=True), skipped
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     info = setup_distributed()
@@ -336,27 +380,24 @@ def train(args: argparse.Namespace, info) -> None:
         raise SystemExit(str(error)) from None
     if using_features:
         check_feature_vae(args, dataset, vae)
-        if not needs_vae:
-            vae = None
+        vae = vae if needs_vae else None
 
     experiment_dir = None
     if info.is_main:
-        resumes_in_place = resume_path is not None and os.path.basename(os.path.dirname(resume_path)) == "checkpoints"
-        if resumes_in_place:
+        in_place = resume_path is not None and os.path.basename(os.path.dirname(resume_path)) == "checkpoints"
+        if in_place:
             experiment_dir = os.path.dirname(os.path.dirname(os.path.abspath(resume_path)))
         else:
             experiment_dir = create_experiment_dir(args.results_dir, args.model)
-        os.makedirs(os.path.join(experiment_dir, "checkpoints"), exist_ok=True)
     logger = create_logger(experiment_dir, rank)
     logger.info(f"experiment folder {experiment_dir}; {world_size} process(es) on {device}; arguments {vars(args)}")
     if args.resume == "auto" and resume_path is None:
         logger.info(f"--resume auto found no checkpoint of {args.model} in {args.results_dir}: starting a new run")
 
-    latent_size = args.image_size // 8
-    model = DiT_models[args.model](input_size=latent_size, num_classes=args.num_classes).to(device)
+    model = DiT_models[args.model](input_size=args.image_size // 8, num_classes=args.num_classes).to(device)
     ema = deepcopy(model).requires_grad_(False)
     optimizer = build_optimizer(model, args.lr, device)
-    step = epoch = epoch_step = 0
+    step = epoch = epoch_step = 0  # epoch_step: batches of `epoch` already trained on
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         ema.load_state_dict(checkpoint["ema"])
@@ -365,8 +406,7 @@ def train(args: argparse.Namespace, info) -> None:
             group["lr"] = args.lr
         step, epoch, epoch_step = checkpoint["step"], checkpoint["epoch"], checkpoint["epoch_step"]
         logger.info(f"resuming from {resume_path} at step {step} (epoch {epoch}, batch {epoch_step} of the epoch)")
-    if args.grad_checkpointing:
-        model.set_grad_checkpointing()
+    model.set_grad_checkpointing(args.grad_checkpointing)
     model.train()
     ema.eval()
     train_model = DDP(model, device_ids=[device] if device.type == "cuda" else None) if dist.is_initialized() else model
@@ -376,6 +416,7 @@ def train(args: argparse.Namespace, info) -> None:
     logger.info(f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters")
 
     sampler = EpochSampler(len(dataset), rank, world_size, args.global_seed)
+    steps_per_epoch = sampler.samples_per_rank // per_rank_batch
     loader = DataLoader(
         dataset,
         batch_size=per_rank_batch,
@@ -388,27 +429,10 @@ def train(args: argparse.Namespace, info) -> None:
         generator=torch.Generator().manual_seed(args.global_seed),
     )
     source = f"features in {args.feature_path}" if using_features else f"images in {args.data_path}"
-    logger.info(f"{len(dataset):,} {source}; {sampler.samples_per_rank // per_rank_batch} steps per epoch")
+    logger.info(f"{len(dataset):,} {source}; {steps_per_epoch} steps per epoch")
 
-    max_steps = args.max_steps if args.max_steps is not None else float("inf")
-    metrics_path = os.path.join(experiment_dir, "metrics.jsonl") if info.is_main else None
-    sample_dir = os.path.join(experiment_dir, "samples") if info.is_main else None
-    last_checkpoint = resume_path
-    last_checked_step = step  # losses up to here are known to be finite
-    last_saved_step = step if checkpoint is not None else None
-    running_loss = torch.zeros((), device=device)
-    skipped = torch.zeros(())
-    skipped_total = 0
-    log_steps = 0
-    grad_norm = None
-    if checkpoint is not None:
-        restore_rng_state(checkpoint["rng"], rank, device)
-        del checkpoint
-    logger.info(f"training for {args.epochs} epochs" + (f" or {args.max_steps} steps" if args.max_steps else ""))
-    start_time = time.time()
-
-    def stop_on_non_finite_loss(first_step: int) -> None:
-        where = f"at step {step}" if first_step == step else f"between steps {first_step} and {step}"
+    def stop_on_divergence(first_step: int) -> None:
+        where = f"at step {step}" if first_step >= step else f"between steps {first_step} and {step}"
         message = (
             f"the loss or the weights became non-finite {where}; stopping without saving "
             f"these weights (last good checkpoint: {last_checkpoint or 'none'})"
@@ -416,68 +440,68 @@ def train(args: argparse.Namespace, info) -> None:
         logger.error(message)
         raise SystemExit(message)
 
-    def save(path_step: int) -> str:
-        """All ranks check the weights and gather RNG states; rank 0 writes the checkpoint."""
-        loss_sum = all_reduce_mean(running_loss.clone())
-        if not (bool(loss_sum.isfinite()) and parameters_are_finite(model)):
-            stop_on_non_finite_loss(min(last_checked_step + 1, step))
+    def save() -> str:
+        """Every rank checks the weights and hands in its RNG state; rank 0 writes the file."""
+        if not (stats.loss_sum_is_finite() and parameters_are_finite(model)):
+            stop_on_divergence(last_checked_step + 1)
         rng = rng_states_of_all_ranks(device)
-        path = os.path.join(experiment_dir or "", "checkpoints", f"{path_step:07d}.pt")
-        if info.is_main:
-            save_checkpoint(
-                {
-                    "model": model.state_dict(),
-                    "ema": ema.state_dict(),
-                    "opt": optimizer.state_dict(),
-                    "args": vars(args),
-                    "step": step,
-                    "epoch": epoch,
-                    "epoch_step": epoch_step,
-                    "world_size": world_size,
-                    "dataset_size": len(dataset),
-                    "rng": rng,
-                },
-                path,
-            )
-            logger.info(f"saved checkpoint {path}")
+        if not info.is_main:
+            return ""
+        path = os.path.join(experiment_dir, "checkpoints", f"{step:07d}.pt")
+        state = {
+            "model": model.state_dict(),
+            "ema": ema.state_dict(),
+            "opt": optimizer.state_dict(),
+            "args": vars(args),
+            "step": step,
+            "epoch": epoch,
+            "epoch_step": epoch_step,
+            "world_size": world_size,
+            "dataset_size": len(dataset),
+            "rng": rng,
+        }
+        save_checkpoint(state, path)
+        logger.info(f"saved checkpoint {path}")
         return path
 
+    max_steps = args.max_steps if args.max_steps is not None else float("inf")
+    last_checkpoint = resume_path
+    last_checked_step = step  # losses and weights up to here are known to be finite
+    last_saved_step = step if checkpoint is not None else None
+    skipped_total = 0
+    grad_norm = None
+    if checkpoint is not None:
+        restore_rng_state(checkpoint["rng"], rank, device)  # last, after everything that draws numbers
+        del checkpoint
+    logger.info(f"training for {args.epochs} epochs" + (f" or {args.max_steps} steps" if args.max_steps else ""))
+    stats = RunningStats(device)
     while epoch < args.epochs and step < max_steps:
         sampler.set_epoch(epoch, epoch_step * per_rank_batch)
         for batch in loader:
-            if using_features:
-                mean, std, labels, batch_skipped = batch
-                latents = latents_from_features(mean.to(device, non_blocking=True), std.to(device, non_blocking=True))
-            else:
-                images, labels, batch_skipped = batch
-                latents = latents_from_images(vae, images.to(device, non_blocking=True))
+            latents, labels, skipped = batch_to_device(batch, vae, using_features, device)
             with_grad_norm = (step + 1) % args.log_every == 0
-            loss, norm = training_step(
-                train_model, diffusion, optimizer, latents, labels.to(device, non_blocking=True), args.precision, with_grad_norm
-            )
+            loss, norm = training_step(train_model, diffusion, optimizer, latents, labels, args.precision, with_grad_norm)
             update_ema(ema, model, args.ema_decay)
-            running_loss += loss
-            skipped += batch_skipped.sum()
+            stats.add(loss, skipped)
             grad_norm = norm if norm is not None else grad_norm
-            log_steps += 1
             step += 1
             epoch_step += 1
+            if epoch_step == steps_per_epoch:  # the loader drops the last partial batch
+                epoch, epoch_step = epoch + 1, 0
 
             if step % args.log_every == 0:
-                stats = all_reduce_mean(torch.stack([running_loss / log_steps, skipped.to(device, torch.float32)]))
-                loss_value = stats[0].item()
-                skipped_total += round(stats[1].item() * world_size)
-                if not torch.isfinite(stats[0]):
-                    stop_on_non_finite_loss(last_checked_step + 1)
+                loss_value, skipped, steps_per_sec = stats.reduce(world_size)
+                if not math.isfinite(loss_value):
+                    stop_on_divergence(last_checked_step + 1)
                 last_checked_step = step
-                steps_per_sec = log_steps / (time.time() - start_time)
+                skipped_total += skipped
                 record = {
                     "step": step,
                     "loss": loss_value,
                     "steps_per_sec": steps_per_sec,
                     "images_per_sec": steps_per_sec * args.global_batch_size,
                     "lr": optimizer.param_groups[0]["lr"],
-                    "grad_norm": grad_norm.item() if grad_norm is not None else None,
+                    "grad_norm": grad_norm.item(),
                     "peak_memory_mb": peak_memory_mb(device),
                     "skipped_images": skipped_total,
                 }
@@ -487,33 +511,24 @@ def train(args: argparse.Namespace, info) -> None:
                     + (f", unreadable images skipped so far: {skipped_total}" if skipped_total else "")
                 )
                 if info.is_main:
-                    with open(metrics_path, "a") as f:
+                    with open(os.path.join(experiment_dir, "metrics.jsonl"), "a") as f:
                         f.write(json.dumps(record) + "\n")
-                running_loss.zero_()
-                skipped.zero_()
-                log_steps = 0
-                start_time = time.time()
 
             if step % args.ckpt_every == 0:
-                last_checkpoint = save(step)
+                last_checkpoint = save()
                 last_checked_step = last_saved_step = step
 
             if args.sample_every and step % args.sample_every == 0 and info.is_main:
-                grid = sample_images(ema, vae, args.sample_steps, args.num_classes, args.global_seed, args.precision)
-                os.makedirs(sample_dir, exist_ok=True)
-                save_grid(grid, os.path.join(sample_dir, f"{step:07d}.png"))
-                logger.info(f"saved samples {os.path.join(sample_dir, f'{step:07d}.png')}")
+                path = os.path.join(experiment_dir, "samples", f"{step:07d}.png")
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                save_grid(sample_images(ema, vae, args.sample_steps, args.num_classes, args.global_seed, args.precision), path)
+                logger.info(f"saved samples {path}")
 
             if step >= max_steps:
                 break
-        else:
-            epoch += 1
-            epoch_step = 0
-            continue
-        break
 
     if last_saved_step != step:
-        save(step)
+        save()
     logger.info(f"done after {step} steps")
 
 
