@@ -21,13 +21,16 @@ import os
 import struct
 import sys
 import zipfile
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from diffusers.models import AutoencoderKL
 from PIL import Image
 from tqdm.auto import tqdm
 
+from diffusion import SpacedDiffusion
 from distributed import barrier, cleanup_distributed, setup_distributed
 from images import to_uint8
 from models import DiT, DiT_models
@@ -152,7 +155,9 @@ def image_generators(global_seed: int, indices: list[int]) -> list[np.random.Gen
     return [np.random.default_rng([global_seed, index]) for index in indices]
 
 
-def per_image_noise(generators: list[np.random.Generator], positions: list[int], rows: int):
+def per_image_noise(
+    generators: list[np.random.Generator], positions: list[int], rows: int
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """noise_fn for the sampling loop: each image's row gets noise from its own generator,
     padding rows get zeros, and a guided batch repeats it for its unconditional half."""
 
@@ -176,7 +181,10 @@ def deal_blocks(missing: list[int], block_size: int, per_turn: int, rank: int, w
     return [block for turn in turns[rank::world_size] for block in turn]
 
 
-def sample_block(model: DiT, diffusion, vae, indices: list[int], args: argparse.Namespace, device: torch.device) -> np.ndarray:
+def sample_block(
+    model: DiT, diffusion: SpacedDiffusion, vae: AutoencoderKL, indices: list[int], args: argparse.Namespace,
+    device: torch.device,
+) -> np.ndarray:
     """(len(indices), H, W, 3) uint8 images for indices of one block, each sampled at its own row."""
     rows, size = args.micro_batch_size, latent_size(args.image_size)
     positions = [index % rows for index in indices]

@@ -6,8 +6,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from diffusion import create_diffusion
-from diffusion.respace import SpacedDiffusion
+from diffusion import SpacedDiffusion, create_diffusion
 from download import PRETRAINED_MODELS, find_model
 from models import DiT, DiT_models, check_state_dict
 from precision import autocast
