@@ -25,11 +25,12 @@ from torch.utils.data import DataLoader
 
 from checkpoint import load_checkpoint, save_checkpoint
 from data import EpochSampler, FeatureDataset, ImageDataset, vae_encoder_fingerprint
-from diffusion import create_diffusion
-from distributed import all_reduce_mean, cleanup_distributed, create_logger, setup_distributed
+from diffusion import SpacedDiffusion, create_diffusion
+from distributed import DistInfo, all_reduce_mean, cleanup_distributed, create_logger, setup_distributed
 from images import save_grid
-from models import DiT_models
+from models import DiT, DiT_models
 from precision import PRECISIONS, autocast, configure_precision
+from sampling import denoise
 from vae import HUB_VAES, LATENT_SCALE, decode, encode, load_vae
 
 # Periodic sample grids: a few EMA samples with classifier-free guidance.
@@ -116,7 +117,7 @@ def total_grad_norm(model: torch.nn.Module) -> torch.Tensor:
 
 def training_step(
     model: torch.nn.Module,
-    diffusion,
+    diffusion: SpacedDiffusion,
     optimizer: torch.optim.Optimizer,
     latents: torch.Tensor,
     labels: torch.Tensor,
@@ -144,7 +145,7 @@ def training_step(
 
 @torch.no_grad()
 def sample_images(
-    ema: torch.nn.Module,
+    ema: DiT,
     vae: torch.nn.Module,
     num_sampling_steps: int,
     num_classes: int,
@@ -161,21 +162,13 @@ def sample_images(
     shape = (SAMPLE_COUNT, ema.in_channels, ema.input_size, ema.input_size)
     z = torch.randn(shape, generator=generator, device=device)
     y = torch.randint(0, num_classes, (SAMPLE_COUNT,), generator=generator, device=device)
-    z, y = torch.cat([z, z]), torch.cat([y, torch.full_like(y, num_classes)])
-
-    def guided(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float) -> torch.Tensor:
-        with autocast(precision, device):
-            return ema.forward_with_cfg(x, t, y, cfg_scale).float()
 
     def noise_fn(x: torch.Tensor) -> torch.Tensor:
         return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
     diffusion = create_diffusion(str(num_sampling_steps))
-    samples = diffusion.p_sample_loop(
-        guided, tuple(z.shape), z, clip_denoised=False, model_kwargs=dict(y=y, cfg_scale=SAMPLE_CFG_SCALE),
-        device=device, noise_fn=noise_fn,
-    )
-    return decode(vae, samples[:SAMPLE_COUNT])
+    latents = denoise(ema, diffusion, z, y, SAMPLE_CFG_SCALE, precision=precision, noise_fn=noise_fn)
+    return decode(vae, latents)
 
 
 # ----------------------------------------------------------------------------------------
@@ -245,11 +238,15 @@ def create_experiment_dir(results_dir: str, model: str) -> str:
 
 def find_latest_checkpoint(results_dir: str, model: str) -> str | None:
     """The last checkpoint of the newest run of `model` in results_dir that has one."""
-    runs = sorted(glob.glob(os.path.join(results_dir, f"[0-9][0-9][0-9]*-{experiment_name(model)}")), reverse=True)
-    for run in runs:
-        checkpoints = sorted(glob.glob(os.path.join(run, "checkpoints", "[0-9]*.pt")))
+
+    def number(path: str) -> int:  # NNN of NNN-<model>, or the step of 0050000.pt
+        return int(os.path.basename(path).split("-")[0].split(".")[0])
+
+    runs = glob.glob(os.path.join(results_dir, f"[0-9][0-9][0-9]*-{experiment_name(model)}"))
+    for run in sorted(runs, key=number, reverse=True):
+        checkpoints = glob.glob(os.path.join(run, "checkpoints", "[0-9]*.pt"))
         if checkpoints:
-            return checkpoints[-1]
+            return max(checkpoints, key=number)
     return None
 
 
@@ -355,7 +352,7 @@ def main(argv: list[str] | None = None) -> None:
         cleanup_distributed()
 
 
-def train(args: argparse.Namespace, info) -> None:
+def train(args: argparse.Namespace, info: DistInfo) -> None:
     device, rank, world_size = info.device, info.rank, info.world_size
     validate_args(args, world_size)
     per_rank_batch = args.global_batch_size // world_size
@@ -411,6 +408,10 @@ def train(args: argparse.Namespace, info) -> None:
     ema.eval()
     train_model = DDP(model, device_ids=[device] if device.type == "cuda" else None) if dist.is_initialized() else model
     if args.compile:
+        from torch._inductor import config as inductor_config
+
+        # Compiled graphs would otherwise draw the label dropout from inductor's own generator.
+        inductor_config.fallback_random = True
         train_model = torch.compile(train_model)
     diffusion = create_diffusion(timestep_respacing="")
     logger.info(f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters")
