@@ -129,8 +129,8 @@ class ImageDataset(Dataset):
 
 
 def vae_encoder_fingerprint(vae: torch.nn.Module) -> str:
-    """A short hash of the encoder weights: features are valid for any VAE with this encoder
-    (sd-vae-ft-ema and sd-vae-ft-mse share theirs; only their decoders were fine-tuned)."""
+    """A short hash of the encoder weights: features fit any VAE with the same encoder, whatever
+    its decoder (sd-vae-ft-ema and sd-vae-ft-mse fine-tuned only the decoder)."""
     digest = hashlib.sha256()
     for name, tensor in sorted(vae.state_dict().items()):
         if name.startswith(("encoder.", "quant_conv.")):

@@ -92,6 +92,8 @@ def test_checkpoint_format_and_loaders(five_steps):
     diff = ckpt["model"]["final_layer.linear.weight"] - ckpt["ema"]["final_layer.linear.weight"]
     assert 0 < diff.abs().max() < 1e-2
     assert_state_dicts_equal(find_model(str(path)), ckpt["ema"])
+    # The reference's sampler loads with a storage-keeping map_location and takes `ema`.
+    assert_state_dicts_equal(torch.load(path, map_location=lambda storage, loc: storage)["ema"], ckpt["ema"])
 
 
 def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, five_steps, image_folder, tiny_vae_dir):
