@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -41,6 +42,14 @@ def test_truncated_file_gets_one_clear_sentence(tmp_path):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match=r"could not read checkpoint .*ckpt\.pt: the file is corrupt"):
+        load_checkpoint(str(path))
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_random_bytes_get_one_clear_sentence(tmp_path, seed):
+    path = tmp_path / "ckpt.pt"
+    path.write_bytes(np.random.default_rng(seed).integers(0, 256, size=4096, dtype=np.uint8).tobytes())
+    with pytest.raises(ValueError, match="could not read checkpoint"):
         load_checkpoint(str(path))
 
 

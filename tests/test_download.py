@@ -9,6 +9,7 @@ import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import numpy as np
 import pytest
 import torch
 from conftest import REPO, make_tiny_dit
@@ -139,7 +140,8 @@ def test_server_without_ranges_starts_over(workdir, server, released):
 @pytest.mark.parametrize("content", ["garbage", "wrong model"])
 def test_corrupt_download_is_set_aside_with_a_clear_message(workdir, server, tiny_dit_ckpts, content):
     # "wrong model": a valid checkpoint with 10 classes where the released model has 1000.
-    data = os.urandom(4096) if content == "garbage" else tiny_dit_ckpts["bare"].read_bytes()
+    garbage = np.random.default_rng(0).integers(0, 256, size=4096, dtype=np.uint8).tobytes()
+    data = garbage if content == "garbage" else tiny_dit_ckpts["bare"].read_bytes()
     serve(server, data)
     with pytest.raises(ValueError) as error:
         download.find_model(NAME)
