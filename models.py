@@ -319,7 +319,8 @@ class DiT(nn.Module):
         `in_channels` of them (the textbook form).
         """
         half = x[: len(x) // 2]
-        out = self.forward(torch.cat([half, half], dim=0), t, y)
+        # self(...) rather than self.forward(...), so that Module.compile() covers this path too.
+        out = self(torch.cat([half, half], dim=0), t, y)
         guided = self.in_channels if all_eps_channels else 3
         eps, rest = out[:, :guided], out[:, guided:]
         cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)

@@ -19,7 +19,7 @@ from distributed import default_device
 from images import save_grid
 from models import DiT_models
 from precision import PRECISIONS, configure_precision
-from sampling import SAMPLERS, SETUP_ERRORS, check_labels, create_sampler, denoise, latent_size, load_model
+from sampling import SAMPLERS, SETUP_ERRORS, check_labels, compile_for_sampling, create_sampler, denoise, latent_size, load_model
 from vae import HUB_VAES, decode, load_vae
 
 DEFAULT_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]
@@ -40,6 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-sampling-steps", type=int, default=250)
     parser.add_argument("--sampler", type=str, choices=SAMPLERS, default="ddpm", help="ddim: eta 0, steps at an integer stride")
     parser.add_argument("--precision", type=str, choices=PRECISIONS, default="fp32")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (compiles for a minute first)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ckpt", type=str, default=None, help="checkpoint to sample from (default: the released DiT-XL/2)")
     parser.add_argument("--class-labels", type=int, nargs="+", default=DEFAULT_LABELS)
@@ -67,6 +68,8 @@ def main(argv: list[str] | None = None) -> None:
         check_output_path(args.out)
         size = latent_size(args.image_size)
         model = load_model(args.model, args.image_size, args.num_classes, args.ckpt, device)
+        if args.compile:
+            compile_for_sampling(model)
         diffusion = create_sampler(args.num_sampling_steps, args.sampler)
         vae = load_vae(args.vae, device, args.vae_path)
     except SETUP_ERRORS as error:

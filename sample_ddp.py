@@ -35,14 +35,14 @@ from distributed import barrier, cleanup_distributed, setup_distributed
 from images import to_uint8
 from models import DiT, DiT_models
 from precision import PRECISIONS, configure_precision
-from sampling import SAMPLERS, SETUP_ERRORS, create_sampler, denoise, latent_size, load_model
+from sampling import SAMPLERS, SETUP_ERRORS, compile_for_sampling, create_sampler, denoise, latent_size, load_model
 from vae import HUB_VAES, decode, load_vae
 
 SETTINGS_FILE = "sampling_settings.json"
 # The flags that decide the pixels: a folder's PNGs are only reused when all of them agree.
 RECIPE = (
     "model", "ckpt", "image_size", "num_classes", "vae", "vae_path", "cfg_scale", "cfg_all_eps_channels",
-    "num_sampling_steps", "sampler", "precision", "global_seed", "micro_batch_size",
+    "num_sampling_steps", "sampler", "precision", "compile", "global_seed", "micro_batch_size",
 )
 
 
@@ -73,6 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--global-seed", type=int, default=0)
     parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True, help="shorthand for --precision tf32 / fp32")
     parser.add_argument("--precision", type=str, choices=PRECISIONS, default=None, help="overrides --tf32")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (compiles for a minute first)")
     parser.add_argument("--ckpt", type=str, default=None, help="checkpoint to sample from (default: the released DiT-XL/2)")
     args = parser.parse_args(argv)
     if args.precision is None:
@@ -234,6 +235,8 @@ def main(argv: list[str] | None = None) -> None:
         check_args(args)
         configure_precision(args.precision)
         model = load_model(args.model, args.image_size, args.num_classes, args.ckpt, info.device)
+        if args.compile:
+            compile_for_sampling(model)
         diffusion = create_sampler(args.num_sampling_steps, args.sampler)
         vae = load_vae(args.vae, info.device, args.vae_path)
         folder = sample_folder(args)

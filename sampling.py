@@ -57,7 +57,17 @@ def load_model(model_name: str, image_size: int, num_classes: int, ckpt: str | N
         model, state_dict, what=f"checkpoint {ckpt} (for {model_name}, --image-size {image_size}, --num-classes {num_classes})"
     )
     model.load_state_dict(state_dict, strict=True, assign=True)
-    return model.to(device=device, dtype=torch.float32).eval()
+    return model.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
+
+
+def compile_for_sampling(model: DiT) -> DiT:
+    """torch.compile the model in place (its guided forward too), with the weights frozen:
+    inductor then treats them as constants it can fold and pre-pack."""
+    from torch._inductor import config as inductor_config
+
+    inductor_config.freezing = True
+    model.requires_grad_(False).compile()
+    return model
 
 
 def create_sampler(num_steps: int, sampler: str) -> SpacedDiffusion:

@@ -126,7 +126,7 @@ def build_model(args: argparse.Namespace, spec: dict, device: torch.device) -> t
 
 
 def measure_train(args: argparse.Namespace, spec: dict, device: torch.device) -> dict:
-    from train import build_optimizer, training_step, update_ema
+    from train import build_optimizer, compile_for_training, training_step, update_ema
 
     model = build_model(args, spec, device).train()
     ema = deepcopy(model).requires_grad_(False).eval()
@@ -135,9 +135,9 @@ def measure_train(args: argparse.Namespace, spec: dict, device: torch.device) ->
         optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0, foreach=False)
         ema_update = update_ema_loop
     else:
-        optimizer = build_optimizer(model, 1e-4, device)
+        optimizer = build_optimizer(model, 1e-4)
         ema_update = update_ema
-    forward = torch.compile(model) if spec["compile"] else model
+    forward = compile_for_training(model) if spec["compile"] else model
     diffusion = create_diffusion("")
     latent = args.image_size // 8
     latents = torch.randn(args.batch_size, 4, latent, latent, device=device)
@@ -152,10 +152,11 @@ def measure_train(args: argparse.Namespace, spec: dict, device: torch.device) ->
 
 
 def measure_sample(args: argparse.Namespace, spec: dict, device: torch.device) -> dict:
-    from sampling import denoise
+    from sampling import compile_for_sampling, denoise
 
     model = build_model(args, spec, device).eval().requires_grad_(False)
-    forward_model = torch.compile(model) if spec["compile"] else model
+    if spec["compile"]:
+        compile_for_sampling(model)
     diffusion = create_diffusion(str(args.sample_steps))
     latent = args.image_size // 8
     z = torch.randn(args.batch_size, 4, latent, latent, device=device)
@@ -163,7 +164,7 @@ def measure_sample(args: argparse.Namespace, spec: dict, device: torch.device) -
 
     def run() -> None:
         with torch.no_grad():
-            denoise(forward_model, diffusion, z, y, cfg_scale=4.0, precision=spec["precision"])
+            denoise(model, diffusion, z, y, cfg_scale=4.0, precision=spec["precision"])
 
     times = timed(run, device, max(1, args.warmup // 2), max(2, args.repeats // 2))
     step_s = float(np.median(times)) / args.sample_steps

@@ -138,7 +138,7 @@ def first_losses(precision: str = "fp32", grad_checkpointing: bool = False, step
     torch.manual_seed(0)
     model = DiT_models["DiT-S/8"](input_size=8, num_classes=3)
     model.set_grad_checkpointing(grad_checkpointing)
-    optimizer = train.build_optimizer(model, 1e-4, torch.device("cpu"))
+    optimizer = train.build_optimizer(model, 1e-4)
     diffusion = create_diffusion("")
     losses = []
     for _ in range(steps):
