@@ -81,14 +81,6 @@ def forward_macs(model_name: str, image_size: int, num_classes: int = 1000) -> f
     return float(depth * per_block + embed + final)
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
-
-
 def timed(fn, device: torch.device, warmup: int, repeats: int) -> list[float]:
     """Seconds per call of fn, after warm-up calls (compilation happens there)."""
     for _ in range(warmup):
@@ -193,6 +185,7 @@ def load_benchmark_vae(args: argparse.Namespace, device: torch.device):
 def run_variant(args: argparse.Namespace, variant: str) -> dict:
     """Measure one variant in this process (called in a fresh child process)."""
     from precision import configure_precision
+    from train import peak_memory_mb
 
     spec = parse_variant(variant)
     device = torch.device(args.device)
@@ -231,8 +224,8 @@ def make_image_folder(root: str, count: int, image_size: int) -> None:
 def run_e2e(args: argparse.Namespace, workdir: str, vae_path: str, entry: str) -> dict:
     source, variant = entry.split(":", 1)
     spec = parse_variant(variant)
-    if source not in SOURCES or spec["plain-attn"] or spec["loop-opt"]:
-        raise SystemExit(f"bad --e2e entry {entry!r}: SOURCE:VARIANT with SOURCE in {SOURCES} and only +compile")
+    if source not in SOURCES or spec["loop-opt"]:
+        raise SystemExit(f"bad --e2e entry {entry!r}: SOURCE:VARIANT with SOURCE in {SOURCES}, without loop-opt")
     results = os.path.join(workdir, f"results-{source}-{variant}")
     command = [
         sys.executable, os.path.join(REPO, "train.py"), "--model", args.model, "--image-size", str(args.image_size),
@@ -243,6 +236,8 @@ def run_e2e(args: argparse.Namespace, workdir: str, vae_path: str, entry: str) -
     command += ["--feature-path", os.path.join(workdir, "features")] if source == "features" else ["--data-path", os.path.join(workdir, "images")]
     if spec["compile"]:
         command.append("--compile")
+    if spec["plain-attn"]:
+        command += ["--attention", "plain"]
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     (run_dir,) = os.listdir(results)
     with open(os.path.join(results, run_dir, "metrics.jsonl")) as f:
@@ -337,7 +332,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--e2e-steps", type=int, default=30)
     parser.add_argument("--e2e-log-every", type=int, default=10)
     parser.add_argument("--e2e-images", type=int, default=64, help="size of the generated image folder")
-    parser.add_argument("--num-workers", type=int, default=1, help="data-loader workers for --e2e runs")
+    parser.add_argument("--num-workers", type=int, default=0, help="data-loader workers for --e2e runs")
     parser.add_argument("--vae-path", default=None, help="a real diffusers AutoencoderKL folder (default: random SD-VAE)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of the GPU, for MFU")

@@ -30,6 +30,37 @@ def assert_close_to_reference(actual: torch.Tensor, expected: torch.Tensor, rel:
     assert err <= rel, f"relative error {err.item():.3e} > {rel:.0e}"
 
 
+def load_golden_model(name: str = "model_tiny") -> tuple:
+    """The reference-vector model `name` (model_tiny or model_nosigma) in eval mode, and the file's contents."""
+    from models import DiT
+
+    data = load_golden(name)
+    model = DiT(**data["config"])
+    model.load_state_dict(data["state_dict"], strict=True)
+    return model.eval(), data
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.nn.Module:
+    """Overwrite every trainable weight with N(0, std), zero-initialised layers included, so
+    that every path of the model contributes to its output."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+    return model
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread, as the scripts' subprocess runs use (OMP_NUM_THREADS=1): the same
+    float rounding in and out of process, and fast on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_tiny_vae(folder: Path) -> Path:
     """A random AutoencoderKL with the real VAE's interface (3 -> 4 channels, 8x downsampling)."""
     from diffusers.models import AutoencoderKL

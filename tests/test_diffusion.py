@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_close_to_reference, load_golden
+from conftest import assert_close_to_reference, load_golden, load_golden_model
 from diffusion import create_diffusion, space_timesteps
 from diffusion import gaussian_diffusion as gd
 from models import DiT
@@ -140,10 +140,7 @@ SAMPLING = load_golden("sampling")
 
 @pytest.fixture(scope="module")
 def tiny_model() -> DiT:
-    data = load_golden("model_tiny")
-    model = DiT(**data["config"])
-    model.load_state_dict(data["state_dict"])
-    return model.eval()
+    return load_golden_model("model_tiny")[0]
 
 
 def test_ddpm_loop_with_cfg(tiny_model):

@@ -10,7 +10,7 @@ import torch
 from torch._dynamo.utils import counters
 from torch._inductor import config as inductor_config
 
-from conftest import load_golden
+from conftest import load_golden, load_golden_model, randomize_
 from diffusion import create_diffusion
 from models import DiT
 from sampling import compile_for_sampling
@@ -18,16 +18,8 @@ from train import build_optimizer, compile_for_training
 
 
 def tiny_model(seed: int = 0) -> DiT:
-    """The reference-vector model, with every weight random so that every path matters."""
-    data = load_golden("model_tiny")
-    model = DiT(**data["config"])
-    model.load_state_dict(data["state_dict"])
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.02)
-    return model
+    """The reference-vector model's configuration, with every weight random."""
+    return randomize_(load_golden_model()[0], seed, std=0.05)
 
 
 @pytest.fixture

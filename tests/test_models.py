@@ -4,39 +4,22 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import assert_close_to_reference, load_golden
+from conftest import assert_close_to_reference, load_golden, load_golden_model, randomize_
 from models import DiT, DiT_models, check_state_dict, sincos_2d, timestep_embedding
-
-
-def golden_model(name: str) -> tuple[DiT, dict]:
-    data = load_golden(name)
-    model = DiT(**data["config"])
-    model.load_state_dict(data["state_dict"], strict=True)
-    return model.eval(), data
-
-
-def randomize_(model: DiT, seed: int = 0) -> DiT:
-    """Overwrite the zero-initialised layers so that every path contributes to the output."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    return model
 
 
 # ---------------------------------------------------------------- reference vectors
 
 @pytest.mark.parametrize("name", ["model_tiny", "model_nosigma"])
 def test_forward_matches_reference(name):
-    model, data = golden_model(name)
+    model, data = load_golden_model(name)
     with torch.no_grad():
         out = model(data["x"], data["t"], data["y"])
     assert_close_to_reference(out, data["forward"])
 
 
 def test_forward_with_cfg_matches_reference():
-    model, data = golden_model("model_tiny")
+    model, data = load_golden_model("model_tiny")
     with torch.no_grad():
         out = model.forward_with_cfg(data["cfg_x"], data["cfg_t"], data["cfg_y"], data["cfg_scale"])
     assert_close_to_reference(out, data["forward_with_cfg"])
@@ -44,7 +27,7 @@ def test_forward_with_cfg_matches_reference():
 
 @pytest.mark.parametrize("name", ["model_tiny", "model_nosigma"])
 def test_pos_embed_matches_reference_checkpoint(name):
-    model, data = golden_model(name)
+    model, data = load_golden_model(name)
     fresh = DiT(**data["config"])
     assert_close_to_reference(fresh.pos_embed.data, data["state_dict"]["pos_embed"])
 
@@ -171,7 +154,7 @@ def test_initialisation_statistics():
 # ---------------------------------------------------------------- guidance and labels
 
 def test_cfg_all_eps_channels_differs_exactly_on_channel_3():
-    model, data = golden_model("model_tiny")
+    model, data = load_golden_model("model_tiny")
     args = (data["cfg_x"], data["cfg_t"], data["cfg_y"], data["cfg_scale"])
     with torch.no_grad():
         default = model.forward_with_cfg(*args)
@@ -190,7 +173,7 @@ def test_cfg_all_eps_channels_differs_exactly_on_channel_3():
 
 
 def test_label_dropout_draws_rand_and_uses_null_row():
-    model, data = golden_model("model_tiny")
+    model, data = load_golden_model("model_tiny")
     labels = torch.arange(10)
     embedder = model.y_embedder
     torch.manual_seed(5)
@@ -206,7 +189,7 @@ def test_label_dropout_draws_rand_and_uses_null_row():
 
 
 def test_no_null_row_without_dropout():
-    model, data = golden_model("model_nosigma")
+    model, data = load_golden_model("model_nosigma")
     assert model.y_embedder.embedding_table.num_embeddings == 7
 
 
@@ -250,7 +233,7 @@ def test_latent_size_not_divisible_by_patch():
 
 
 def test_labels_out_of_range():
-    model, data = golden_model("model_tiny")
+    model, data = load_golden_model("model_tiny")
     with pytest.raises(ValueError, match=r"class labels must lie in \[0, 10\].*got values in \[0, 11\]"):
         model(data["x"], data["t"], torch.tensor([0, 11, 3]))
     with pytest.raises(ValueError, match="class labels"):
@@ -258,7 +241,7 @@ def test_labels_out_of_range():
 
 
 def test_wrong_channel_count_and_size():
-    model, data = golden_model("model_tiny")
+    model, data = load_golden_model("model_tiny")
     with pytest.raises(ValueError, match=r"expected latents of shape \(N, 4, 8, 8\), got \(3, 3, 8, 8\)"):
         model(data["x"][:, :3], data["t"], data["y"])
     with pytest.raises(ValueError, match=r"expected latents of shape \(N, 4, 8, 8\), got \(3, 4, 16, 16\)"):

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, assert_close_to_reference, load_golden
+from conftest import REPO, assert_close_to_reference, load_golden, load_golden_model
 from PIL import Image
 from torchvision.utils import save_image
 
@@ -54,13 +54,7 @@ def cli_grid(tiny_dit_ckpts, tiny_vae_dir, tmp_path_factory):
     return training, bare
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """As in the scripts' runs (OMP_NUM_THREADS=1): same float rounding, and fast on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_in_process(ckpts: dict, vae_dir, out, *extra: str):
@@ -75,10 +69,7 @@ def run_in_process(ckpts: dict, vae_dir, out, *extra: str):
 
 @pytest.fixture(scope="module")
 def reference_model() -> DiT:
-    golden = load_golden("model_tiny")
-    model = DiT(**golden["config"])
-    model.load_state_dict(golden["state_dict"])
-    return model.eval()
+    return load_golden_model("model_tiny")[0]
 
 
 def test_guided_ddpm_matches_reference_loop(reference_model):

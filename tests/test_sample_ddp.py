@@ -87,13 +87,7 @@ def test_rerun_redoes_only_missing_and_truncated_pngs(one_process, tiny_dit_ckpt
     assert {name: (folder / name).stat().st_mtime_ns for name in kept} == kept, "valid PNGs were sampled again"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """In-process runs use one thread too: same float rounding as the scripts' runs here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_every_model_call_has_one_shape_and_image_i_its_own_row(tiny_dit_ckpts, tiny_vae_dir, tmp_path, monkeypatch):
