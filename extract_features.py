@@ -31,7 +31,7 @@ from data import (
     vae_encoder_fingerprint,
 )
 from distributed import barrier, cleanup_distributed, create_logger, setup_distributed
-from vae import HUB_VAES, load_vae
+from vae import HUB_VAES, latent_size, load_vae
 
 # Settings that must agree between a feature folder and the run that continues or uses it.
 MATCHING_META_KEYS = ("image_size", "dtype", "count", "classes", "vae_encoder")
@@ -116,8 +116,10 @@ def check_existing_store(path: str, meta: dict) -> bool:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.image_size % 8:
-        raise SystemExit(f"--image-size {args.image_size} is not a multiple of 8 (the VAE downsamples by 8)")
+    try:
+        latent_size(args.image_size)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
     info = setup_distributed()
     try:
         extract(args, info)
@@ -135,11 +137,11 @@ def extract(args: argparse.Namespace, info) -> None:
         vae = load_vae(args.vae, info.device, args.vae_path)
     except (FileNotFoundError, RuntimeError, ValueError) as error:  # load_vae's one-sentence errors
         raise SystemExit(str(error)) from None
-    latent_size = args.image_size // 8
+    latent = latent_size(args.image_size)
     meta = {
         "format": FEATURE_FORMAT,
         "image_size": args.image_size,
-        "latent_size": latent_size,
+        "latent_size": latent,
         "count": len(images),
         "classes": images.classes,
         "dtype": args.dtype,
@@ -157,7 +159,7 @@ def extract(args: argparse.Namespace, info) -> None:
     todo = int(np.count_nonzero(~np.array(arrays["done"])))
     logger.info(
         f"{len(images)} images in {args.data_path}, {todo} to encode into {args.feature_path} "
-        f"({feature_bytes_per_image(latent_size, args.dtype) / 1024:.1f} KiB per image)"
+        f"({feature_bytes_per_image(latent, args.dtype) / 1024:.1f} KiB per image)"
     )
     if not shard:
         logger.info("nothing left to do: the feature folder is complete")

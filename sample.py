@@ -19,8 +19,8 @@ from distributed import default_device
 from images import save_grid
 from models import DiT_models
 from precision import PRECISIONS, configure_precision
-from sampling import SAMPLERS, SETUP_ERRORS, check_labels, compile_for_sampling, create_sampler, denoise, latent_size, load_model
-from vae import HUB_VAES, decode, load_vae
+from sampling import SAMPLERS, SETUP_ERRORS, check_labels, compile_for_sampling, create_sampler, denoise, load_model
+from vae import HUB_VAES, decode, latent_size, load_vae
 
 DEFAULT_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]
 

@@ -35,8 +35,8 @@ from distributed import barrier, cleanup_distributed, setup_distributed
 from images import to_uint8
 from models import DiT, DiT_models
 from precision import PRECISIONS, configure_precision
-from sampling import SAMPLERS, SETUP_ERRORS, compile_for_sampling, create_sampler, denoise, latent_size, load_model
-from vae import HUB_VAES, decode, load_vae
+from sampling import SAMPLERS, SETUP_ERRORS, compile_for_sampling, create_sampler, denoise, load_model
+from vae import HUB_VAES, decode, latent_size, load_vae
 
 SETTINGS_FILE = "sampling_settings.json"
 # The flags that decide the pixels: a folder's PNGs are only reused when all of them agree.

@@ -10,17 +10,11 @@ from diffusion import SpacedDiffusion, create_diffusion
 from download import PRETRAINED_MODELS, find_model
 from models import DiT, DiT_models, check_state_dict
 from precision import autocast
+from vae import latent_size
 
 SAMPLERS = ("ddpm", "ddim")
 # Bad input surfaces as one of these while a script sets up; scripts print it as one line.
 SETUP_ERRORS = (ValueError, OSError, RuntimeError)
-
-
-def latent_size(image_size: int) -> int:
-    """The VAE maps an image of side S to a latent of side S / 8."""
-    if image_size <= 0 or image_size % 8:
-        raise ValueError(f"--image-size must be a positive multiple of 8 (the VAE downsamples by 8), got {image_size}")
-    return image_size // 8
 
 
 def check_labels(labels: Sequence[int], num_classes: int) -> None:

@@ -31,7 +31,7 @@ from images import save_grid
 from models import DiT, DiT_models
 from precision import PRECISIONS, autocast, configure_precision
 from sampling import denoise
-from vae import HUB_VAES, LATENT_SCALE, decode, encode, load_vae
+from vae import HUB_VAES, LATENT_SCALE, decode, encode, latent_size, load_vae
 
 # Periodic sample grids: a few EMA samples with classifier-free guidance.
 SAMPLE_COUNT = 8
@@ -194,11 +194,13 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         raise SystemExit("pass --data-path (an image folder) or --feature-path (the output of extract_features.py)")
     if args.global_batch_size % world_size:
         raise SystemExit(f"--global-batch-size {args.global_batch_size} is not divisible by the world size {world_size}")
-    if args.image_size % 8:
-        raise SystemExit(f"--image-size {args.image_size} is not a multiple of 8 (the VAE downsamples by 8)")
-    if (args.image_size // 8) % patch_size:
+    try:
+        latent = latent_size(args.image_size)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
+    if latent % patch_size:
         raise SystemExit(
-            f"--image-size {args.image_size} gives {args.image_size // 8}x{args.image_size // 8} latents, which "
+            f"--image-size {args.image_size} gives {latent}x{latent} latents, which "
             f"{args.model} cannot cut into {patch_size}x{patch_size} patches; use a multiple of {8 * patch_size}"
         )
     if args.resume not in (None, "auto") and not os.path.isfile(args.resume):

@@ -32,6 +32,13 @@ def load_vae(vae: str, device: torch.device, vae_path: str | None = None) -> Aut
         ) from error
 
 
+def latent_size(image_size: int) -> int:
+    """Side of the latent of a square image of side image_size: the VAE downsamples by 8."""
+    if image_size <= 0 or image_size % 8:
+        raise ValueError(f"--image-size {image_size} is not a positive multiple of 8 (the VAE downsamples by 8)")
+    return image_size // 8
+
+
 @torch.no_grad()
 def encode(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
     """Images in [-1, 1] -> scaled latents, one sample from the posterior (as in training)."""

@@ -148,7 +148,7 @@ def test_seed_sampler_guidance_and_precision_options(tiny_dit_ckpts, tiny_vae_di
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--image-size", "60"], "--image-size must be a positive multiple of 8"),
+        (["--image-size", "60"], "--image-size 60 is not a positive multiple of 8 (the VAE downsamples by 8)"),
         (["--image-size", "72"], "latent size 9 is not divisible by the patch size 8"),
         (["--image-size", "128"], "pos_embed expected (1, 4, 384) found (1, 1, 384)"),
         (["--num-classes", "20"], "y_embedder.embedding_table.weight expected (21, 384) found (11, 384)"),

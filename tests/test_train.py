@@ -211,7 +211,7 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path, tiny_vae_dir):
         ({"--data-path": "MISSING"}, r"the data folder .*missing does not exist"),
         ({"--data-path": "EMPTY"}, r"the data folder .*empty holds no images"),
         ({"--data-path": None}, r"pass --data-path \(an image folder\) or --feature-path"),
-        ({"--image-size": "100"}, r"--image-size 100 is not a multiple of 8 \(the VAE downsamples by 8\)"),
+        ({"--image-size": "100"}, r"--image-size 100 is not a positive multiple of 8 \(the VAE downsamples by 8\)"),
         ({"--image-size": "72"}, r"--image-size 72 gives 9x9 latents, which DiT-S/8 cannot cut into 8x8 patches; use a multiple of 64"),
         ({"--resume": "MISSING"}, r"--resume .*missing does not exist"),
         ({"--num-classes": "2"}, r"the data has 3 classes but --num-classes is 2"),
