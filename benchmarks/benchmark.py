@@ -174,10 +174,13 @@ def measure_decode(args: argparse.Namespace, device: torch.device) -> float:
 
 
 def load_benchmark_vae(args: argparse.Namespace, device: torch.device):
+    """The VAE of --vae-path, else the SD-VAE architecture with random weights."""
     from diffusers.models import AutoencoderKL
 
+    from vae import load_vae
+
     if args.vae_path:
-        return AutoencoderKL.from_pretrained(args.vae_path).to(device).eval()
+        return load_vae("ema", device, args.vae_path)
     torch.manual_seed(0)
     return AutoencoderKL(**SD_VAE_CONFIG).to(device).eval()
 
