@@ -56,11 +56,17 @@ def load_model(model_name: str, image_size: int, num_classes: int, ckpt: str | N
 
 def compile_for_sampling(model: DiT) -> DiT:
     """torch.compile the model in place (its guided forward too), with the weights frozen:
-    inductor then treats them as constants it can fold and pre-pack."""
+    inductor then treats them as constants it can fold and pre-pack.
+
+    `freezing` is read while a graph is traced and compiled, which happens at calls (the
+    first one and each new input shape), and a compile option reaches inductor but not the
+    tracer, which then keeps the weights as inputs. So every call of the compiled model runs
+    under `inductor_config.patch`, and nothing is changed for the rest of the process.
+    """
     from torch._inductor import config as inductor_config
 
-    inductor_config.freezing = True
     model.requires_grad_(False).compile()
+    model._compiled_call_impl = inductor_config.patch(freezing=True)(model._compiled_call_impl)
     return model
 
 

@@ -17,6 +17,18 @@ DATA = Path(__file__).parent / "data"
 REPO = Path(__file__).parent.parent
 
 
+def pytest_report_header(config) -> list[str]:
+    """The versions a run tested, in the header: CI installs whatever pip resolves that day."""
+    import diffusers
+    import torchvision
+
+    return [
+        f"torch {torch.__version__}, torchvision {torchvision.__version__}, diffusers {diffusers.__version__}, "
+        f"numpy {np.__version__}; CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+        f"{torch.get_num_threads()} threads, CUDA available: {torch.cuda.is_available()}"
+    ]
+
+
 def load_golden(name: str) -> dict:
     """A reference-vector file from tests/data (copied from shared/golden)."""
     return torch.load(DATA / f"{name}.pt", weights_only=True)

@@ -23,13 +23,14 @@ def tiny_model(seed: int = 0) -> DiT:
 
 
 @pytest.fixture
-def fresh_compiler(monkeypatch):
-    """Forget earlier compilations, and undo the global inductor settings the code under test makes."""
+def fresh_compiler():
+    """Forget earlier compilations; afterwards, check that the code under test passed its
+    inductor settings to its own compilation instead of changing them for the process."""
     torch._dynamo.reset()
     counters.clear()
-    monkeypatch.setattr(inductor_config, "freezing", False)
-    monkeypatch.setattr(inductor_config, "fallback_random", False)
+    before = {name: getattr(inductor_config, name) for name in ("freezing", "fallback_random")}
     yield
+    assert {name: getattr(inductor_config, name) for name in before} == before
     torch._dynamo.reset()
 
 
@@ -73,11 +74,23 @@ def test_compiled_sampling_matches_eager(fresh_compiler):
             eager_bf16 = eager.forward_with_cfg(*args).float()
             compiled_bf16 = compiled.forward_with_cfg(*args).float()
     assert counters["stats"]["unique_graphs"] >= 1
-    assert inductor_config.freezing
     assert relative_error(out, expected) < 1e-5
     # In bf16 both round differently; neither strays further from fp32 than bf16 rounding.
     assert relative_error(eager_bf16, expected) < 3e-2
     assert relative_error(compiled_bf16, expected) < 3e-2
+
+
+def test_compiled_sampling_freezes_the_weights(fresh_compiler):
+    """Freezing really applies: the compiled graph holds the weights as constants, so a later
+    in-place change of a weight is not seen (why sampling compiles only frozen models)."""
+    model = compile_for_sampling(tiny_model().eval())
+    data = load_golden("model_tiny")
+    with torch.no_grad():
+        before = model(data["x"], data["t"], data["y"])
+        model.blocks[0].mlp.fc1.weight.mul_(2.0)
+        model.final_layer.linear.weight.mul_(2.0)
+        after = model(data["x"], data["t"], data["y"])
+    assert torch.equal(before, after)
 
 
 def test_fused_adamw_matches_the_per_parameter_loop():
