@@ -15,34 +15,24 @@ import sys
 import torch
 from PIL import Image
 
+from cli import add_compile_flag, add_model_flags, add_precision_flag, add_sampling_flags, add_vae_flags, make_parser
 from distributed import default_device
 from images import save_grid
-from models import DiT_models
-from precision import PRECISIONS, configure_precision
-from sampling import SAMPLERS, SETUP_ERRORS, check_labels, compile_for_sampling, create_sampler, denoise, load_model
-from vae import HUB_VAES, decode, latent_size, load_vae
+from precision import setup_precision
+from sampling import SETUP_ERRORS, check_labels, compile_for_sampling, create_sampler, denoise, load_model
+from vae import decode, latent_size, load_vae
 
 DEFAULT_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Sample an image grid from a DiT.")
-    parser.add_argument("--model", type=str, choices=list(DiT_models), default="DiT-XL/2")
-    parser.add_argument("--vae", type=str, choices=list(HUB_VAES), default="mse")
-    parser.add_argument("--vae-path", type=str, default=None, help="local diffusers AutoencoderKL folder (instead of the hub)")
-    parser.add_argument("--image-size", type=int, default=256, help="a multiple of 8 whose latent the patch size divides")
-    parser.add_argument("--num-classes", type=int, default=1000)
-    parser.add_argument("--cfg-scale", type=float, default=4.0)
-    parser.add_argument(
-        "--cfg-all-eps-channels", action="store_true",
-        help="guide all 4 noise channels (textbook CFG); by default only the first 3, as the original",
-    )
-    parser.add_argument("--num-sampling-steps", type=int, default=250)
-    parser.add_argument("--sampler", type=str, choices=SAMPLERS, default="ddpm", help="ddim: eta 0, steps at an integer stride")
-    parser.add_argument("--precision", type=str, choices=PRECISIONS, default="fp32")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model (compiles for a minute first)")
+    parser = make_parser("Sample an image grid from a DiT.")
+    add_model_flags(parser)
+    add_vae_flags(parser, default="mse")
+    add_sampling_flags(parser, cfg_scale=4.0)
+    add_precision_flag(parser, default="fp32")
+    add_compile_flag(parser)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--ckpt", type=str, default=None, help="checkpoint to sample from (default: the released DiT-XL/2)")
     parser.add_argument("--class-labels", type=int, nargs="+", default=DEFAULT_LABELS)
     parser.add_argument("--out", type=str, default="sample.png", help="image file to write the grid to")
     return parser.parse_args(argv)
@@ -63,7 +53,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     device = default_device()
     try:
-        configure_precision(args.precision)
+        precision, message = setup_precision(args.precision, device)
+        if message:
+            print(message, file=sys.stderr)
         check_labels(args.class_labels, args.num_classes)
         check_output_path(args.out)
         size = latent_size(args.image_size)
@@ -81,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     z = torch.randn(len(args.class_labels), 4, size, size, device=device)
     y = torch.tensor(args.class_labels, device=device)
     latents = denoise(
-        model, diffusion, z, y, args.cfg_scale, sampler=args.sampler, precision=args.precision,
+        model, diffusion, z, y, args.cfg_scale, sampler=args.sampler, precision=precision,
         all_eps_channels=args.cfg_all_eps_channels, progress=True,
     )
     save_grid(decode(vae, latents), args.out)

@@ -33,10 +33,11 @@ from tqdm.auto import tqdm
 from diffusion import SpacedDiffusion
 from distributed import barrier, cleanup_distributed, setup_distributed
 from images import to_uint8
-from models import DiT, DiT_models
-from precision import PRECISIONS, configure_precision
-from sampling import SAMPLERS, SETUP_ERRORS, compile_for_sampling, create_sampler, denoise, load_model
-from vae import HUB_VAES, decode, latent_size, load_vae
+from cli import add_compile_flag, add_model_flags, add_precision_flag, add_sampling_flags, add_vae_flags, make_parser
+from models import DiT
+from precision import setup_precision
+from sampling import SETUP_ERRORS, compile_for_sampling, create_sampler, denoise, load_model
+from vae import decode, latent_size, load_vae
 
 SETTINGS_FILE = "sampling_settings.json"
 # The flags that decide the pixels: a folder's PNGs are only reused when all of them agree.
@@ -47,10 +48,10 @@ RECIPE = (
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Sample a set of images for FID from a DiT, over any number of processes.")
-    parser.add_argument("--model", type=str, choices=list(DiT_models), default="DiT-XL/2")
-    parser.add_argument("--vae", type=str, choices=list(HUB_VAES), default="ema")
-    parser.add_argument("--vae-path", type=str, default=None, help="local diffusers AutoencoderKL folder (instead of the hub)")
+    parser = make_parser("Sample a set of images for FID from a DiT, over any number of processes.")
+    add_model_flags(parser)
+    add_vae_flags(parser, default="ema")
+    add_sampling_flags(parser, cfg_scale=1.5)
     parser.add_argument("--sample-dir", type=str, default="samples")
     parser.add_argument(
         "--per-proc-batch-size", type=int, default=32,
@@ -61,22 +62,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="images per model call; part of the recipe (float rounding depends on it); raise it for throughput",
     )
     parser.add_argument("--num-fid-samples", type=int, default=50_000)
-    parser.add_argument("--image-size", type=int, default=256, help="a multiple of 8 whose latent the patch size divides")
-    parser.add_argument("--num-classes", type=int, default=1000)
-    parser.add_argument("--cfg-scale", type=float, default=1.5, help="guidance is used when it is above 1")
-    parser.add_argument(
-        "--cfg-all-eps-channels", action="store_true",
-        help="guide all 4 noise channels (textbook CFG); by default only the first 3, as the original",
-    )
-    parser.add_argument("--num-sampling-steps", type=int, default=250)
-    parser.add_argument("--sampler", type=str, choices=SAMPLERS, default="ddpm", help="ddim: eta 0, steps at an integer stride")
     parser.add_argument("--global-seed", type=int, default=0)
     parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True, help="shorthand for --precision tf32 / fp32")
-    parser.add_argument("--precision", type=str, choices=PRECISIONS, default=None, help="overrides --tf32")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model (compiles for a minute first)")
-    parser.add_argument("--ckpt", type=str, default=None, help="checkpoint to sample from (default: the released DiT-XL/2)")
+    add_precision_flag(parser, default=None)
+    add_compile_flag(parser)
     args = parser.parse_args(argv)
-    if args.precision is None:
+    if args.precision is None:  # the original's --tf32 decides
         args.precision = "tf32" if args.tf32 else "fp32"
     return args
 
@@ -233,7 +224,10 @@ def main(argv: list[str] | None = None) -> None:
     info = setup_distributed()
     try:
         check_args(args)
-        configure_precision(args.precision)
+        # The concrete precision, not `auto`, goes into the recipe: it decides the pixels.
+        args.precision, message = setup_precision(args.precision, info.device)
+        if message and info.is_main:
+            print(message, file=sys.stderr)
         model = load_model(args.model, args.image_size, args.num_classes, args.ckpt, info.device)
         if args.compile:
             compile_for_sampling(model)

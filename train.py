@@ -24,12 +24,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 from checkpoint import load_checkpoint, save_checkpoint
+from cli import add_compile_flag, add_model_flags, add_precision_flag, add_vae_flags, make_parser
 from data import EpochSampler, FeatureDataset, ImageDataset, vae_encoder_fingerprint
 from diffusion import SpacedDiffusion, create_diffusion
 from distributed import DistInfo, all_reduce_mean, cleanup_distributed, create_logger, setup_distributed
 from images import save_grid
 from models import DiT, DiT_models
-from precision import PRECISIONS, autocast, configure_precision
+from precision import autocast, grad_scaler, setup_precision
 from sampling import denoise
 from vae import HUB_VAES, LATENT_SCALE, decode, encode, latent_size, load_vae
 
@@ -43,19 +44,16 @@ RESUME_MATCHING_ARGS = ("model", "image_size", "num_classes", "global_batch_size
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Train a class-conditional DiT.")
+    parser = make_parser("Train a class-conditional DiT.")
     parser.add_argument("--data-path", type=str, default=None, help="ImageFolder root: DIR/<class>/<image>")
     parser.add_argument("--feature-path", type=str, default=None, help="train from extract_features.py output instead of images")
     parser.add_argument("--results-dir", type=str, default="results")
-    parser.add_argument("--model", type=str, choices=list(DiT_models), default="DiT-XL/2")
-    parser.add_argument("--image-size", type=int, default=256, help="a multiple of 8 * patch size (reference: 256 or 512)")
-    parser.add_argument("--num-classes", type=int, default=1000)
+    add_model_flags(parser)
     parser.add_argument("--epochs", type=int, default=1400)
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in total")
     parser.add_argument("--global-batch-size", type=int, default=256)
     parser.add_argument("--global-seed", type=int, default=0)
-    parser.add_argument("--vae", type=str, choices=list(HUB_VAES), default="ema")
-    parser.add_argument("--vae-path", type=str, default=None, help="local diffusers AutoencoderKL folder instead of the hub")
+    add_vae_flags(parser, default="ema")
     parser.add_argument("--num-workers", type=int, default=4)
     parser.add_argument("--log-every", type=int, default=100)
     parser.add_argument("--ckpt-every", type=int, default=50_000)
@@ -63,9 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sample-steps", type=int, default=50, help="DDPM steps for the sample grids")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--ema-decay", type=float, default=0.9999)
-    parser.add_argument("--precision", type=str, choices=PRECISIONS, default="tf32", help="tf32 is plain fp32 on a CPU")
+    add_precision_flag(parser, default="tf32")
     parser.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to save memory")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    add_compile_flag(parser)
     parser.add_argument(
         "--attention", type=str, choices=("fused", "plain"), default="fused",
         help="fused: scaled_dot_product_attention; plain: the written-out formula (faster for bf16 training on CPUs)",
@@ -88,11 +86,9 @@ def build_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.AdamW:
 
 def compile_for_training(model: torch.nn.Module) -> torch.nn.Module:
     """torch.compile, with random draws kept eager: compiled graphs would otherwise draw the
-    label dropout from inductor's own generator, and differ from an eager run."""
-    from torch._inductor import config as inductor_config
-
-    inductor_config.fallback_random = True
-    return torch.compile(model)
+    label dropout from inductor's own generator, and differ from an eager run. The setting
+    is passed to this compilation alone, never set globally."""
+    return torch.compile(model, options={"fallback_random": True})
 
 
 @torch.no_grad()
@@ -134,12 +130,15 @@ def training_step(
     labels: torch.Tensor,
     precision: str = "fp32",
     with_grad_norm: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+    scaler: torch.amp.GradScaler | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """One optimizer step on the hybrid diffusion loss at uniform timesteps.
 
-    Returns the (detached) mean loss and, when asked, the gradient norm, both on the device.
-    Under bf16 only the model runs in autocast; the loss is computed in fp32.
+    Returns the (detached) mean loss, the gradient norm when asked, and, under fp16 loss
+    scaling, whether the step was skipped for inf/NaN gradients; all on the device (no
+    host sync). Under bf16/fp16 only the model runs in autocast; the loss is computed in fp32.
     """
+    scaler = scaler or grad_scaler("fp32", latents.device)
     t = torch.randint(0, diffusion.num_timesteps, (latents.shape[0],), device=latents.device)
 
     def forward(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -148,10 +147,17 @@ def training_step(
 
     loss = diffusion.training_losses(forward, latents, t, dict(y=labels))["loss"].mean()
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    grad_norm = total_grad_norm(model) if with_grad_norm else None
-    optimizer.step()
-    return loss.detach(), grad_norm
+    scaler.scale(loss).backward()
+    grad_norm = skipped = None
+    if with_grad_norm or scaler.is_enabled():
+        scaler.unscale_(optimizer)  # a no-op unless loss scaling is on
+        grad_norm = total_grad_norm(model)
+    if scaler.is_enabled():
+        # The scaler skips the update exactly when some gradient is inf/NaN, i.e. when the norm is.
+        skipped = ~torch.isfinite(grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.detach(), grad_norm if with_grad_norm else None, skipped
 
 
 @torch.no_grad()
@@ -315,7 +321,7 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 class RunningStats:
-    """Loss and skipped-image sums between log steps, kept on the devices until a log step."""
+    """Loss, skipped-image and skipped-step sums between log steps, kept on the devices until a log step."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -324,21 +330,25 @@ class RunningStats:
     def reset(self) -> None:
         self.loss = torch.zeros((), device=self.device)
         self.skipped = torch.zeros(())
+        self.skipped_steps = torch.zeros((), device=self.device)
         self.steps = 0
         self.start = time.time()
 
-    def add(self, loss: torch.Tensor, skipped: torch.Tensor) -> None:
+    def add(self, loss: torch.Tensor, skipped: torch.Tensor, skipped_step: torch.Tensor | None = None) -> None:
         self.loss += loss
         self.skipped += skipped.sum()
+        if skipped_step is not None:
+            self.skipped_steps += skipped_step
         self.steps += 1
 
-    def reduce(self, world_size: int) -> tuple[float, int, float]:
-        """Mean loss over steps and ranks, unreadable images met by all ranks, steps/s; then reset."""
-        means = all_reduce_mean(torch.stack([self.loss / self.steps, self.skipped.to(self.device)]))
-        loss, skipped = means[0].item(), round(means[1].item() * world_size)
+    def reduce(self, world_size: int) -> tuple[float, int, int, float]:
+        """Mean loss over steps and ranks, unreadable images met by all ranks, optimizer steps
+        skipped by fp16 loss scaling (the same on every rank), steps/s; then reset."""
+        means = all_reduce_mean(torch.stack([self.loss / self.steps, self.skipped.to(self.device), self.skipped_steps]))
+        loss, skipped, skipped_steps = means[0].item(), round(means[1].item() * world_size), round(means[2].item())
         steps_per_sec = self.steps / (time.time() - self.start)
         self.reset()
-        return loss, skipped, steps_per_sec
+        return loss, skipped, skipped_steps, steps_per_sec
 
     def loss_sum_is_finite(self) -> bool:
         """Whether every rank's losses since the last log step are finite (a collective call)."""
@@ -369,7 +379,7 @@ def train(args: argparse.Namespace, info: DistInfo) -> None:
     device, rank, world_size = info.device, info.rank, info.world_size
     validate_args(args, world_size)
     per_rank_batch = args.global_batch_size // world_size
-    configure_precision(args.precision)
+    args.precision, precision_note = setup_precision(args.precision, device)  # `auto` -> what it chose
     torch.manual_seed(args.global_seed * world_size + rank)
     dataset = open_dataset(args, per_rank_batch, world_size)
 
@@ -401,6 +411,8 @@ def train(args: argparse.Namespace, info: DistInfo) -> None:
             experiment_dir = create_experiment_dir(args.results_dir, args.model)
     logger = create_logger(experiment_dir, rank)
     logger.info(f"experiment folder {experiment_dir}; {world_size} process(es) on {device}; arguments {vars(args)}")
+    if precision_note:
+        logger.info(precision_note)
     if args.resume == "auto" and resume_path is None:
         logger.info(f"--resume auto found no checkpoint of {args.model} in {args.results_dir}: starting a new run")
 
@@ -409,6 +421,7 @@ def train(args: argparse.Namespace, info: DistInfo) -> None:
     ).to(device)
     ema = deepcopy(model).requires_grad_(False)
     optimizer = build_optimizer(model, args.lr)
+    scaler = grad_scaler(args.precision, device)
     step = epoch = epoch_step = 0  # epoch_step: batches of `epoch` already trained on
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
@@ -416,6 +429,8 @@ def train(args: argparse.Namespace, info: DistInfo) -> None:
         optimizer.load_state_dict(checkpoint["opt"])
         for group in optimizer.param_groups:
             group["lr"] = args.lr
+        if scaler.is_enabled() and checkpoint.get("scaler"):  # the loss scale of an fp16 run
+            scaler.load_state_dict(checkpoint["scaler"])
         step, epoch, epoch_step = checkpoint["step"], checkpoint["epoch"], checkpoint["epoch_step"]
         logger.info(f"resuming from {resume_path} at step {step} (epoch {epoch}, batch {epoch_step} of the epoch)")
     model.set_grad_checkpointing(args.grad_checkpointing)
@@ -471,6 +486,7 @@ def train(args: argparse.Namespace, info: DistInfo) -> None:
             "world_size": world_size,
             "dataset_size": len(dataset),
             "rng": rng,
+            "scaler": scaler.state_dict(),  # {} unless fp16
         }
         save_checkpoint(state, path)
         logger.info(f"saved checkpoint {path}")
@@ -480,7 +496,7 @@ def train(args: argparse.Namespace, info: DistInfo) -> None:
     last_checkpoint = resume_path
     last_checked_step = step  # losses and weights up to here are known to be finite
     last_saved_step = step if checkpoint is not None else None
-    skipped_total = 0
+    skipped_total = skipped_steps_total = 0
     grad_norm = None
     if checkpoint is not None:
         restore_rng_state(checkpoint["rng"], rank, device)  # last, after everything that draws numbers
@@ -492,9 +508,11 @@ def train(args: argparse.Namespace, info: DistInfo) -> None:
         for batch in loader:
             latents, labels, skipped = batch_to_device(batch, vae, using_features, device)
             with_grad_norm = (step + 1) % args.log_every == 0
-            loss, norm = training_step(train_model, diffusion, optimizer, latents, labels, args.precision, with_grad_norm)
+            loss, norm, skipped_step = training_step(
+                train_model, diffusion, optimizer, latents, labels, args.precision, with_grad_norm, scaler
+            )
             update_ema(ema, model, args.ema_decay)
-            stats.add(loss, skipped)
+            stats.add(loss, skipped, skipped_step)
             grad_norm = norm if norm is not None else grad_norm
             step += 1
             epoch_step += 1
@@ -502,11 +520,12 @@ def train(args: argparse.Namespace, info: DistInfo) -> None:
                 epoch, epoch_step = epoch + 1, 0
 
             if step % args.log_every == 0:
-                loss_value, skipped, steps_per_sec = stats.reduce(world_size)
+                loss_value, skipped, skipped_steps, steps_per_sec = stats.reduce(world_size)
                 if not math.isfinite(loss_value):
                     stop_on_divergence(last_checked_step + 1)
                 last_checked_step = step
                 skipped_total += skipped
+                skipped_steps_total += skipped_steps
                 record = {
                     "step": step,
                     "loss": loss_value,
@@ -517,10 +536,13 @@ def train(args: argparse.Namespace, info: DistInfo) -> None:
                     "peak_memory_mb": peak_memory_mb(device),
                     "skipped_images": skipped_total,
                 }
+                if scaler.is_enabled():  # fp16: steps the loss scaler skipped for inf/NaN gradients
+                    record.update(skipped_steps=skipped_steps_total, loss_scale=scaler.get_scale())
                 logger.info(
                     f"(step={step:07d}) train loss: {loss_value:.4f}, train steps/sec: {steps_per_sec:.2f}, "
                     f"grad norm: {record['grad_norm']:.3f}, peak memory: {record['peak_memory_mb']:.0f} MB"
                     + (f", unreadable images skipped so far: {skipped_total}" if skipped_total else "")
+                    + (f", fp16 steps skipped so far: {skipped_steps_total}" if skipped_steps_total else "")
                 )
                 if info.is_main:
                     with open(os.path.join(experiment_dir, "metrics.jsonl"), "a") as f:

@@ -1,0 +1,59 @@
+"""Command-line flag groups that several scripts share, each declared once.
+
+The defaults that differ between scripts (the VAE, the precision, the guidance scale) are
+the original scripts' own and are passed in by each script.
+"""
+from __future__ import annotations
+
+import argparse
+
+from models import DiT_models
+from precision import PRECISIONS
+from vae import HUB_VAES
+
+
+def make_parser(description: str) -> argparse.ArgumentParser:
+    """A parser whose --help shows every flag's default."""
+    return argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """--model, --image-size, --num-classes: which DiT, at which resolution, for how many classes."""
+    parser.add_argument("--model", type=str, choices=list(DiT_models), default="DiT-XL/2", help="DiT config (paper Table 1)")
+    parser.add_argument(
+        "--image-size", type=int, default=256,
+        help="image side in pixels: a multiple of 8 (the VAE's downsampling) whose latent the patch size divides",
+    )
+    parser.add_argument("--num-classes", type=int, default=1000, help="class labels 0..N-1 (the null label N is added)")
+
+
+def add_vae_flags(parser: argparse.ArgumentParser, default: str) -> None:
+    """--vae, --vae-path: the Stable Diffusion VAE from the hub, or a local copy."""
+    parser.add_argument("--vae", type=str, choices=list(HUB_VAES), default=default, help="stabilityai/sd-vae-ft-<vae> on the hub")
+    parser.add_argument("--vae-path", type=str, default=None, help="a local diffusers AutoencoderKL folder instead of the hub")
+
+
+def add_precision_flag(parser: argparse.ArgumentParser, default: str | None) -> None:
+    parser.add_argument(
+        "--precision", type=str, choices=PRECISIONS, default=default,
+        help="auto: bf16 where the device computes it natively, else tf32 on a GPU and fp32 on a CPU; "
+        "tf32 is fp32 on a CPU; bf16/fp16 autocast keeps fp32 master weights",
+    )
+
+
+def add_compile_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (compiles for a minute or more first)")
+
+
+def add_sampling_flags(parser: argparse.ArgumentParser, cfg_scale: float) -> None:
+    """The checkpoint, the sampler and classifier-free guidance (paper Section 3.1)."""
+    from sampling import SAMPLERS
+
+    parser.add_argument("--ckpt", type=str, default=None, help="checkpoint to sample from (default: the released DiT-XL/2)")
+    parser.add_argument("--cfg-scale", type=float, default=cfg_scale, help="guidance scale s; 1 turns guidance off")
+    parser.add_argument(
+        "--cfg-all-eps-channels", action="store_true",
+        help="guide all 4 noise channels (textbook CFG); by default only the first 3, as the original",
+    )
+    parser.add_argument("--num-sampling-steps", type=int, default=250)
+    parser.add_argument("--sampler", type=str, choices=SAMPLERS, default="ddpm", help="ddim: eta 0, steps at an integer stride")
