@@ -45,3 +45,15 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> Any:
 def model_weights(checkpoint: dict) -> dict:
     """The weights to sample with: the EMA copy of a training checkpoint, else the dict itself."""
     return checkpoint["ema"] if isinstance(checkpoint, dict) and "ema" in checkpoint else checkpoint
+
+
+def missing_entries(checkpoint: Any, keys: tuple[str, ...]) -> list[str]:
+    """The entries of `keys` that a loaded checkpoint lacks (all of them if it is not a dict)."""
+    return [key for key in keys if not isinstance(checkpoint, dict) or key not in checkpoint]
+
+
+def setting_differences(saved: dict, current: dict, keys: tuple[str, ...]) -> list[str]:
+    """'--flag saved (now current)' for each setting of `keys` that differs between the two."""
+    return [
+        f"--{key.replace('_', '-')} {saved.get(key)} (now {current.get(key)})" for key in keys if saved.get(key) != current.get(key)
+    ]

@@ -25,13 +25,12 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from diffusers.models import AutoencoderKL
 from PIL import Image
 from tqdm.auto import tqdm
 
 from diffusion import SpacedDiffusion
-from distributed import barrier, cleanup_distributed, setup_distributed
+from distributed import all_gather_objects, barrier, cleanup_distributed, setup_distributed
 from images import to_uint8
 from cli import add_compile_flag, add_model_flags, add_precision_flag, add_sampling_flags, add_vae_flags, make_parser
 from models import DiT
@@ -135,11 +134,7 @@ def is_valid_png(path: str, image_size: int) -> bool:
 def missing_indices(folder: str, num_samples: int, image_size: int, rank: int, world_size: int) -> list[int]:
     """Indices without a valid PNG; each process checks a share of the files, all get the whole list."""
     mine = [i for i in range(rank, num_samples, world_size) if not is_valid_png(png_path(folder, i), image_size)]
-    if not dist.is_initialized():
-        return mine
-    shares: list[list[int]] = [[] for _ in range(world_size)]
-    dist.all_gather_object(shares, mine)
-    return sorted(i for share in shares for i in share)
+    return sorted(i for share in all_gather_objects(mine) for i in share)
 
 
 def image_generators(global_seed: int, indices: list[int]) -> list[np.random.Generator]:
