@@ -147,3 +147,27 @@ def test_profile_names_where_the_time_goes(tmp_path):
     lines = path.read_text().splitlines()
     assert lines[0] == "a title" and lines[2].startswith("self cpu time ") and "matmul" in lines[2]
     assert any("aten::mm" in line for line in lines[3:])
+
+
+# ---------------------------------------------------------------- the GPU checks' tooling
+
+def test_gpu_marker_selects_the_gpu_tests_which_skip_without_cuda():
+    def pytest_run(*args: str) -> str:
+        result = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args], cwd=REPO,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        return result.stdout
+
+    collected = pytest_run("-m", "gpu", "--collect-only", "-q", "tests/test_gpu.py", "tests/test_benchmark.py")
+    selected = [line for line in collected.splitlines() if "::" in line]
+    assert len(selected) >= 10 and all(line.startswith("tests/test_gpu.py::") for line in selected)
+    assert "tests/test_gpu.py::test_train_from_images_tf32_resumes_bitwise_with_the_cuda_rng_state" in selected
+    if not torch.cuda.is_available():  # CPU CI: reported as skipped, with the reason
+        report = pytest_run("-rs", "tests/test_gpu.py")
+        assert f"{len(selected)} skipped" in report and "needs a CUDA GPU" in report
+
+
+@pytest.mark.parametrize("script", ["gpu_checks.sh", "fetch_gpu_wheels.sh"])
+def test_gpu_scripts_parse(script):
+    result = subprocess.run(["bash", "-n", str(REPO / "benchmarks" / script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
