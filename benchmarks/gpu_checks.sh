@@ -14,8 +14,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-results}
 PYTHON=${PYTHON:-python3}
-TEST_LIMIT_S=${TEST_LIMIT_S:-290}
-BENCHMARK_LIMIT_S=${BENCHMARK_LIMIT_S:-230}
+TEST_LIMIT_S=${TEST_LIMIT_S:-270}
+BENCHMARK_LIMIT_S=${BENCHMARK_LIMIT_S:-250}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 mkdir -p "$OUT"
 
@@ -48,7 +48,7 @@ test_status=${PIPESTATUS[0]}
 timeout "$BENCHMARK_LIMIT_S" "$PYTHON" benchmarks/benchmark.py --model DiT-XL/2 --image-size 256 \
   --variants bf16 bf16+ckpt --find-max-batch --batch-size 32 --max-batch-limit 1024 --warmup 2 --repeats 5 \
   --sample-batch-size 128 --sample-steps 5 --profile "$OUT" \
-  --e2e features:bf16 --e2e-batch-size 64 --e2e-images 256 --e2e-steps 30 --e2e-log-every 10 --num-workers 4 \
+  --e2e features:bf16 --e2e-batch-size 64 --e2e-images 128 --e2e-steps 20 --e2e-log-every 10 --num-workers 4 \
   --out-dir "$OUT" 2>&1 | tee "$OUT/benchmark-log.txt"
 benchmark_status=${PIPESTATUS[0]}
 
