@@ -12,6 +12,7 @@ whole file runs in a few minutes, most of it process start-up and one compilatio
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -59,8 +60,6 @@ def train_args(results: Path, vae: Path, *extra: str) -> list[str]:
 
 
 def read_losses(experiment: Path) -> list[float]:
-    import json
-
     return [json.loads(line)["loss"] for line in (experiment / "metrics.jsonl").read_text().splitlines()]
 
 
