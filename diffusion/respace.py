@@ -46,13 +46,12 @@ def space_timesteps(num_timesteps: int, section_counts: str | Sequence[int]) -> 
 class _OriginalTimesteps:
     """Calls the model with the original timestep index of each spaced step."""
 
-    def __init__(self, model: Callable[..., Any], timestep_map: list[int]):
+    def __init__(self, model: Callable[..., Any], diffusion: SpacedDiffusion):
         self.model = model
-        self.timestep_map = timestep_map
+        self.diffusion = diffusion
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, **kwargs) -> Any:
-        table = torch.tensor(self.timestep_map, device=t.device, dtype=t.dtype)
-        return self.model(x, table[t], **kwargs)
+        return self.model(x, self.diffusion.original_timesteps(t), **kwargs)
 
 
 class SpacedDiffusion(GaussianDiffusion):
@@ -72,11 +71,19 @@ class SpacedDiffusion(GaussianDiffusion):
                 self.timestep_map.append(i)
         kwargs["betas"] = np.array(new_betas)
         super().__init__(**kwargs)
+        self._timestep_tables: dict[torch.device, torch.Tensor] = {}
+
+    def original_timesteps(self, t: torch.Tensor) -> torch.Tensor:
+        """The original index of each spaced step in t. The table is copied to t's device once:
+        a copy from host memory at every call would make the host wait for the device."""
+        if t.device not in self._timestep_tables:
+            self._timestep_tables[t.device] = torch.tensor(self.timestep_map, device=t.device)
+        return self._timestep_tables[t.device][t].to(t.dtype)
 
     def _wrap_model(self, model: Callable[..., Any]) -> Callable[..., Any]:
         if isinstance(model, _OriginalTimesteps):
             return model
-        return _OriginalTimesteps(model, self.timestep_map)
+        return _OriginalTimesteps(model, self)
 
     def p_mean_variance(self, model, *args, **kwargs):
         return super().p_mean_variance(self._wrap_model(model), *args, **kwargs)
