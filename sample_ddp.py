@@ -96,7 +96,7 @@ def check_args(args: argparse.Namespace) -> None:
 def sample_folder(args: argparse.Namespace) -> str:
     """The original's folder name: model, checkpoint, size, VAE, guidance scale and seed."""
     model_name = args.model.replace("/", "-")
-    ckpt_name = os.path.basename(args.ckpt).replace(".pt", "") if args.ckpt else "pretrained"
+    ckpt_name = os.path.basename(os.path.normpath(args.ckpt)).replace(".pt", "") if args.ckpt else "pretrained"
     vae_name = os.path.basename(os.path.normpath(args.vae_path)) if args.vae_path else args.vae
     return os.path.join(
         args.sample_dir,
@@ -109,7 +109,7 @@ def recipe(args: argparse.Namespace) -> dict:
     if args.sampler in ("ddpm", "ddim"):  # they ignore the spacing; folders from before the flag stay valid
         settings["timestep_spacing"] = None
     for key in ("ckpt", "vae_path"):
-        if settings[key] is not None:
+        if settings[key] is not None and not settings[key].startswith("hf:"):
             settings[key] = os.path.abspath(settings[key])
     return settings
 
