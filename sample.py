@@ -50,7 +50,7 @@ def check_output_path(path: str) -> None:
         raise IsADirectoryError(f"--out {path} is a folder; pass a file name such as {os.path.join(path, 'sample.png')}")
     folder = os.path.dirname(path) or "."
     if os.path.exists(folder) and not os.path.isdir(folder):
-        raise NotADirectoryError(f"the folder of --out {path} is a file")
+        raise NotADirectoryError(f"--out {path} cannot be written: {folder} is a file, not a folder")
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"the folder of --out {path} does not exist")
     if not os.access(folder, os.W_OK | os.X_OK):
