@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, assert_close_to_reference, load_golden, load_golden_model
+from conftest import REPO, assert_close_to_reference, load_golden, load_golden_model, make_tiny_dit
 from PIL import Image
 from torchvision.utils import save_image
 
@@ -222,3 +222,15 @@ def test_one_sampling_step_works(tiny_dit_ckpts, tiny_vae_dir, tmp_path, sampler
     """Once an IndexError; one step now samples from t=999 (tests/test_solvers.py checks the values)."""
     grid = run_in_process(tiny_dit_ckpts, tiny_vae_dir, tmp_path / "grid.png", "--num-sampling-steps", "1", "--sampler", sampler)
     assert grid.std() > 5
+
+
+def test_a_one_class_checkpoint_samples_with_num_classes_1(tiny_vae_dir, tmp_path):
+    """Custom and unconditional checkpoints: --num-classes sizes the label table, and a label
+    the checkpoint cannot take is refused in one sentence, not by an indexing error."""
+    path = tmp_path / "one_class.pt"
+    torch.save(make_tiny_dit(num_classes=1), path)
+    ckpts = {"training": path, "model": "DiT-S/8", "image_size": 64, "num_classes": 1}
+    grid = run_in_process(ckpts, tiny_vae_dir, tmp_path / "grid.png", "--class-labels", "0", "0", "--sampler", "unipc")
+    assert grid.std() > 5
+    with pytest.raises(SystemExit, match=r"class labels must lie in \[0, 0\] for --num-classes 1, got \[1\]"):
+        sample.main(tiny_args(ckpts, tiny_vae_dir, tmp_path / "other.png", "--class-labels", "0", "1"))
