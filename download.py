@@ -82,7 +82,7 @@ def folder_model(folder: str) -> dict[str, torch.Tensor]:
 
 def hub_model(spec: str) -> dict[str, torch.Tensor]:
     """OWNER/REPO[/SUBFOLDER] from the Hugging Face hub, through huggingface_hub's cache."""
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import constants, hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, HFValidationError, LocalEntryNotFoundError
 
     parts = spec.split("/", 2)
@@ -98,8 +98,8 @@ def hub_model(spec: str) -> dict[str, torch.Tensor]:
                     raise
     except LocalEntryNotFoundError as error:
         raise RuntimeError(
-            f"{repo}/{subfolder} is not in the Hugging Face cache and the hub could not be reached "
-            f"(offline, or HF_HUB_OFFLINE set); set HF_ENDPOINT to a mirror, or pass --ckpt PATH to a local checkpoint or diffusers folder"
+            f"{repo}/{subfolder} is not in the Hugging Face cache and the hub at {constants.ENDPOINT} could not be "
+            f"reached (offline, or HF_HUB_OFFLINE set); set HF_ENDPOINT to a mirror, or pass --ckpt PATH to a local checkpoint or diffusers folder"
         ) from error
     except (OSError, EntryNotFoundError, HFValidationError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
