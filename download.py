@@ -89,13 +89,11 @@ def hub_model(spec: str) -> dict[str, torch.Tensor]:
     repo, subfolder = "/".join(parts[:2]), parts[2] if len(parts) == 3 else HUB_SUBFOLDER
     try:
         config_path = hf_hub_download(repo, "config.json", subfolder=subfolder)
-        for weights in WEIGHT_FILES:  # the hub repos' main branch has only the .bin
-            try:
-                hf_hub_download(repo, weights, subfolder=subfolder)
-                break
-            except EntryNotFoundError:
-                if weights == WEIGHT_FILES[-1]:
-                    raise
+        safetensors_file, bin_file = WEIGHT_FILES
+        try:
+            hf_hub_download(repo, safetensors_file, subfolder=subfolder)
+        except EntryNotFoundError:  # the facebook/DiT-XL-2-* main branches hold only the .bin
+            hf_hub_download(repo, bin_file, subfolder=subfolder)
     except LocalEntryNotFoundError as error:
         raise RuntimeError(
             f"{repo}/{subfolder} is not in the Hugging Face cache and the hub at {constants.ENDPOINT} could not be "
