@@ -218,3 +218,18 @@ def test_solver_sets_are_identical_for_any_batch_size_and_process_count(sde_one_
             assert f.read() == reference
     # The solver really sampled: another set than ddpm's from the same seeds.
     assert np.abs(np.load(sde_one_process[1])["arr_0"].astype(int) - np.load(one_process[1])["arr_0"]).mean() > 1
+
+
+def test_read_only_sample_dir_is_refused_before_loading(tiny_dit_ckpts, tiny_vae_dir, tmp_path, monkeypatch):
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    real_access = os.access
+    # As root a chmod does not stop writing; os.access is what the check asks.
+    monkeypatch.setattr(os, "access", lambda path, mode: path != str(read_only) and real_access(path, mode))
+    monkeypatch.setattr(sample_ddp, "load_model", lambda *args: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit) as exit_info:
+        sample_ddp.main(ddp_args(tiny_dit_ckpts, tiny_vae_dir, read_only / "samples", 4))
+    assert str(exit_info.value.code) == (
+        f"sample_ddp.py: error: --sample-dir {read_only / 'samples'} cannot be written: {read_only} is not writable"
+    )
+    assert os.listdir(read_only) == []
