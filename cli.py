@@ -53,7 +53,7 @@ def add_sampling_flags(parser: argparse.ArgumentParser, cfg_scale: float) -> Non
 
     parser.add_argument(
         "--ckpt", type=str, default=None,
-        help="checkpoint to sample from: a file, a diffusers DiT folder, or hf:OWNER/REPO (default: the released DiT-XL/2)",
+        help="checkpoint to sample from: a file, a diffusers DiT folder or hf:OWNER/REPO; None: the released DiT-XL/2",
     )
     parser.add_argument("--cfg-scale", type=float, default=cfg_scale, help="guidance scale s; 1 turns guidance off")
     parser.add_argument(
