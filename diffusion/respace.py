@@ -16,7 +16,11 @@ def space_timesteps(num_timesteps: int, section_counts: str | Sequence[int]) -> 
     section_counts is either "ddimN" (an integer stride that keeps exactly N steps, as in
     DDIM) or a list / comma-separated string of counts: the process is cut into that many
     equal sections and each section keeps that many evenly spaced steps, e.g. "10,15,20".
+    A single step in all ("1", "ddim1") keeps the last step, T-1.
     """
+    if section_counts in ("1", "ddim1", [1], (1,)):
+        # Sampling starts from pure noise at T-1; the rules below would keep step 0 instead.
+        return {num_timesteps - 1}
     if isinstance(section_counts, str):
         if section_counts.startswith("ddim"):
             desired = int(section_counts[len("ddim"):])
