@@ -138,7 +138,7 @@ def image_batches(path: str, batch_size: int) -> Iterator[np.ndarray]:
             data = f.read(count * image_bytes)
             if len(data) != count * image_bytes:
                 raise ValueError(f"{path} is truncated: arr_0 ends before image {start + len(data) // image_bytes}")
-            yield np.frombuffer(data, dtype=np.uint8).reshape(count, *shape[1:])
+            yield np.frombuffer(bytearray(data), dtype=np.uint8).reshape(count, *shape[1:])  # writable, for torch
 
 
 def num_images(path: str) -> int:
