@@ -183,15 +183,18 @@ def test_k_nearest_neighbour_radius_is_third_neighbour_besides_itself():
 # ---------------------------------------------------------------- statistics precedence and checks
 
 
-def acts(rng: np.random.Generator, n: int, stats: dict | None = None, shift: float = 0.0) -> Activations:
-    softmax = rng.dirichlet(np.ones(evaluate.SOFTMAX_DIM), n).astype(np.float32)
-    return Activations(features(rng, n, evaluate.POOL_DIM, shift), features(rng, n, evaluate.SPATIAL_DIM, shift), softmax, stats)
+SMALL_DIMS = {"pool": 64, "spatial": 49, "softmax": 10}  # the metric code takes any width; the file checks ADM's
 
 
-def diagonal_stats(rng: np.random.Generator) -> dict:
+def acts(rng: np.random.Generator, n: int, stats: dict | None = None, shift: float = 0.0, dims: dict = SMALL_DIMS) -> Activations:
+    softmax = rng.dirichlet(np.ones(dims["softmax"]), n).astype(np.float32)
+    return Activations(features(rng, n, dims["pool"], shift), features(rng, n, dims["spatial"], shift), softmax, stats)
+
+
+def diagonal_stats(rng: np.random.Generator, dims: dict = SMALL_DIMS) -> dict:
     return {
-        "mu": rng.standard_normal(evaluate.POOL_DIM), "sigma": np.diag(rng.uniform(0.5, 2, evaluate.POOL_DIM)),
-        "mu_s": rng.standard_normal(evaluate.SPATIAL_DIM), "sigma_s": np.diag(rng.uniform(0.5, 2, evaluate.SPATIAL_DIM)),
+        "mu": rng.standard_normal(dims["pool"]), "sigma": np.diag(rng.uniform(0.5, 2, dims["pool"])),
+        "mu_s": rng.standard_normal(dims["spatial"]), "sigma_s": np.diag(rng.uniform(0.5, 2, dims["spatial"])),
     }
 
 
@@ -216,7 +219,7 @@ def test_fewer_samples_than_dimensions_is_refused():
     ref, sample = acts(rng, 20, diagonal_stats(rng)), acts(rng, 20)
     with pytest.raises(ValueError) as error:
         evaluate.evaluate(ref, sample, torch.device("cpu"))
-    assert_one_sentence(str(error.value), "20 samples", "2048")
+    assert_one_sentence(str(error.value), "20 samples", "64-dimensional")
 
 
 def save(path, **arrays) -> str:
@@ -224,9 +227,12 @@ def save(path, **arrays) -> str:
     return str(path)
 
 
+ADM_DIMS = {"pool": 2048, "spatial": 2023, "softmax": 1008}
+
+
 def test_activation_file_checks(tmp_path):
     rng = np.random.default_rng(9)
-    a = acts(rng, 5)
+    a = acts(rng, 5, dims=ADM_DIMS)
     good = {"pool": a.pool, "spatial": a.spatial, "softmax": a.softmax}
     loaded = evaluate.load_activations(save(tmp_path / "good.npz", **good))
     np.testing.assert_array_equal(loaded.spatial, a.spatial)
@@ -236,8 +242,8 @@ def test_activation_file_checks(tmp_path):
         "float64": ({**good, "pool": a.pool.astype(np.float64)}, "pool must be float32"),
         "short": ({**good, "softmax": a.softmax[:4]}, "softmax must be float32 of shape (N, 1008)"),
         "width": ({**good, "spatial": a.spatial[:, :2000]}, "spatial"),
-        "partial_stats": ({**good, "mu": np.zeros(2048)}, "mu/sigma" if False else "not sigma, mu_s, sigma_s"),
-        "stats_shape": ({**good, **diagonal_stats(rng), "mu_s": np.zeros(2048)}, "mu_s must be"),
+        "partial_stats": ({**good, "mu": np.zeros(2048)}, "not sigma, mu_s, sigma_s"),
+        "stats_shape": ({**good, **diagonal_stats(rng, ADM_DIMS), "mu_s": np.zeros(2048)}, "mu_s must be"),
     }
     for name, (arrays, needle) in cases.items():
         with pytest.raises(ValueError) as error:
@@ -298,17 +304,17 @@ def model(random_weights):
 
 def test_network_outputs_are_adm_layers(model):
     """pool_3, the bias-free 1008-way softmax, and mixed_6/conv = the first channels of Mixed_6d's output."""
-    images = torch.from_numpy(np.random.default_rng(10).integers(0, 256, (3, 40, 40, 3), dtype=np.uint8))
+    images = torch.from_numpy(np.random.default_rng(10).integers(0, 256, (2, 40, 40, 3), dtype=np.uint8))
     mixed_6 = {}
     hook = model.Mixed_6d.register_forward_hook(lambda module, inputs, output: mixed_6.update(out=output))
     try:
         out = evaluate.inception_activations(model, images)
     finally:
         hook.remove()
-    assert out["pool"].shape == (3, 2048) and out["spatial"].shape == (3, 2023) and out["softmax"].shape == (3, 1008)
+    assert out["pool"].shape == (2, 2048) and out["spatial"].shape == (2, 2023) and out["softmax"].shape == (2, 1008)
     # TF's concat puts the 1x1 branch first, so mixed_6's first 7 channels are mixed_6/conv's.
     assert mixed_6["out"].shape[1:] == (768, 17, 17)
-    expected_spatial = mixed_6["out"][:, :7].permute(0, 2, 3, 1).reshape(3, -1)
+    expected_spatial = mixed_6["out"][:, :7].permute(0, 2, 3, 1).reshape(2, -1)
     torch.testing.assert_close(out["spatial"], expected_spatial, rtol=0, atol=0)
     assert out["spatial"].std() > 0.1  # the random network is not degenerate
     torch.testing.assert_close(out["softmax"], F.softmax(out["pool"] @ model.fc.weight.T, dim=1), rtol=1e-5, atol=1e-7)
@@ -327,8 +333,8 @@ def test_flatten_spatial_is_height_width_channel_order():
 
 def test_image_batch_activations_are_streamed_and_saved(tmp_path, model):
     rng = np.random.default_rng(11)
-    images = rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
-    stored = diagonal_stats(rng)
+    images = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    stored = diagonal_stats(rng, ADM_DIMS)
     path = save(tmp_path / "images.npz", arr_0=images, **stored)
     got = evaluate.compute_activations(path, model, torch.device("cpu"), batch_size=2)
     whole = evaluate.inception_activations(model, torch.from_numpy(images))
@@ -358,7 +364,11 @@ def test_offline_without_weights_is_one_sentence(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- the command line
 
 
-def test_cli_on_activation_files_writes_json(tmp_path, capsys):
+def test_cli_on_activation_files_writes_json(tmp_path, capsys, monkeypatch):
+    for key, dim in SMALL_DIMS.items():  # small files: the file checks with ADM's widths are tested above
+        monkeypatch.setitem(evaluate.ACTIVATION_DIMS, key, dim)
+    for key, dim in (("mu", 64), ("sigma", (64, 64)), ("mu_s", 49), ("sigma_s", (49, 49))):
+        monkeypatch.setitem(evaluate.STAT_SHAPES, key, dim if isinstance(dim, tuple) else (dim,))
     rng = np.random.default_rng(12)
     ref, sample = acts(rng, 12, diagonal_stats(rng)), acts(rng, 9, diagonal_stats(rng), shift=0.3)
     paths = [
@@ -382,3 +392,19 @@ def test_cli_bad_input_exits_with_one_sentence(tmp_path):
     with pytest.raises(SystemExit) as error:
         evaluate.main([path, path])
     assert_one_sentence(str(error.value), "evaluate.py: error:", "lacks pool, spatial, softmax")
+
+
+def test_cli_on_image_batches_saves_activations_that_score_the_same(tmp_path, random_weights, monkeypatch):
+    for key, dim in (("mu", 64), ("sigma", (64, 64)), ("mu_s", 49), ("sigma_s", (49, 49))):
+        monkeypatch.setitem(evaluate.STAT_SHAPES, key, dim if isinstance(dim, tuple) else (dim,))
+    rng = np.random.default_rng(13)
+    ref_stats, sample_stats = diagonal_stats(rng), diagonal_stats(rng)
+    ref = save(tmp_path / "ref.npz", arr_0=rng.integers(0, 256, (4, 24, 24, 3), dtype=np.uint8), **ref_stats)
+    sample = save(tmp_path / "sample.npz", arr_0=rng.integers(0, 256, (4, 20, 20, 3), dtype=np.uint8), **sample_stats)
+    common = ["--inception-weights", random_weights, "--batch-size", "3"]
+    evaluate.main([ref, sample, *common, "--save-activations", "--json", str(tmp_path / "images.json")])
+    from_images = json.loads((tmp_path / "images.json").read_text())
+    assert from_images["fid"] == pytest.approx(diagonal_fid(sample_stats, ref_stats), rel=1e-9)
+    activation_files = [str(tmp_path / "ref_inception.npz"), str(tmp_path / "sample_inception.npz")]
+    evaluate.main([*activation_files, "--json", str(tmp_path / "activations.json")])
+    assert json.loads((tmp_path / "activations.json").read_text()) == from_images
