@@ -4,7 +4,7 @@
   python evaluate.py REF.npz SAMPLE.npz --save-activations --json scores.json   # also writes REF_inception.npz, ...
   python evaluate.py REF_inception.npz SAMPLE_inception.npz                     # activation files: seconds
 
-The metrics are those of the DiT paper (Table 4): Inception Score, FID, sFID, precision and recall,
+The metrics are those of the DiT paper's ImageNet tables: Inception Score, FID, sFID, precision and recall,
 computed as ADM's evaluator computes them (Dhariwal & Nichol 2021; openai/guided-diffusion,
 evaluations/evaluator.py). The network is torch-fidelity's port of the TF Inception-v3 graph of
 2015-12-05 that ADM loads, with TF-1 bilinear resizing of the 8-bit images inside the network.
@@ -31,6 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import linalg
+from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3 as WEIGHTS_URL
+from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 from tqdm.auto import tqdm
 
 from cli import make_parser
@@ -48,7 +50,6 @@ NEIGHBOURHOOD = 3  # k of the k-NN balls of precision and recall (Kynkaanniemi e
 DISTANCE_BLOCK = 10000  # ADM's row and column batch: its float16 overflow check is per block, so it is ours
 ACTIVATION_SUFFIX = "_inception.npz"
 
-WEIGHTS_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
 WEIGHTS_FILE = os.path.basename(WEIGHTS_URL)
 
 
@@ -175,8 +176,6 @@ def resolve_inception_weights(path: str | None) -> str:
 def build_inception(weights_path: str, device: torch.device) -> torch.nn.Module:
     """torch-fidelity's port of the TF Inception graph; it returns pool_3 and the bias-free logits
     (ADM's softmax multiplies pool_3 by the `softmax/logits/MatMul` weights alone)."""
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
     try:
         model = FeatureExtractorInceptionV3(
             "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=weights_path
@@ -258,7 +257,8 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
         covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"the matrix square root has an imaginary part up to {np.abs(covmean.imag).max():.3g}, so FID is undefined")
+            largest = np.abs(covmean.imag).max()
+            raise ValueError(f"the matrix square root has an imaginary part up to {largest:.3g}, so the Frechet distance is undefined")
         covmean = covmean.real
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
@@ -296,12 +296,11 @@ def manifold_radii(features: torch.Tensor, k: int = NEIGHBOURHOOD, block: int = 
     """Each feature's squared distance to its k-th nearest neighbour (itself, at distance ~0, being the 0th)."""
     radii = torch.empty(len(features), device=features.device)
     for row in range(0, len(features), block):
-        rows = features[row : row + block]
-        # The k+1 smallest of every column block hold the k+1 smallest of the whole row.
-        nearest = [
-            squared_distances(rows, features[col : col + block]).topk(min(k + 1, len(features[col : col + block])), dim=1, largest=False).values
-            for col in range(0, len(features), block)
-        ]
+        rows, nearest = features[row : row + block], []
+        for col in range(0, len(features), block):
+            # The k+1 smallest of every column block hold the k+1 smallest of the whole row.
+            distances = squared_distances(rows, features[col : col + block])
+            nearest.append(distances.topk(min(k + 1, distances.shape[1]), dim=1, largest=False).values)
         radii[row : row + block] = torch.cat(nearest, dim=1).kthvalue(k + 1, dim=1).values
     return radii
 
@@ -345,15 +344,17 @@ def evaluate(ref: Activations, sample: Activations, device: torch.device) -> dic
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = make_parser("Inception Score, FID, sFID, precision and recall of SAMPLE against REF, as ADM's evaluator computes them.")
-    parser.add_argument("ref", type=str, help="reference: image batch .npz (arr_0) or activation file (e.g. VIRTUAL_imagenet256_labeled.npz)")
-    parser.add_argument("sample", type=str, help="samples: image batch .npz (arr_0) or activation file (e.g. sample_ddp.py's .npz)")
+    parser = make_parser("Inception Score, FID, sFID, precision and recall of SAMPLE against REF, as ADM's evaluator has them.")
+    parser.add_argument("ref", type=str, help="reference: image batch .npz (arr_0) or activation file, e.g. VIRTUAL_imagenet256_labeled.npz")
+    parser.add_argument("sample", type=str, help="samples: image batch .npz (arr_0) or activation file, e.g. sample_ddp.py's .npz")
     parser.add_argument("--json", type=str, default=None, help="also write the five numbers to this JSON file")
     parser.add_argument(
         "--inception-weights", type=str, default=None,
         help=f"local copy of {WEIGHTS_FILE} (default: downloaded once into torch's hub cache)",
     )
-    parser.add_argument("--batch-size", type=int, default=64, help="images per Inception forward (ADM: 64); changes no number beyond float rounding")
+    parser.add_argument(
+        "--batch-size", type=int, default=64, help="images per Inception forward (ADM: 64); changes no number beyond float rounding"
+    )
     parser.add_argument(
         "--save-activations", action="store_true",
         help=f"write each image batch's activations beside it as <name>{ACTIVATION_SUFFIX}, to pass instead of it next time",

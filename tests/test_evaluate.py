@@ -173,6 +173,7 @@ def test_precision_recall_overflow_only_in_some_blocks():
     expected = np.sort(np_block_distances(ref, ref, 10), axis=1)[:, 3]
     np.testing.assert_allclose(radii, expected, rtol=2**-10)  # float32 sums in another order
     assert radii[20:].max() > 65504  # those rows' radii came from float32 blocks
+    np.testing.assert_array_equal(radii[:20].astype(np.float16).astype(np.float32), radii[:20])  # the others' from float16 ones
 
 
 def test_k_nearest_neighbour_radius_is_third_neighbour_besides_itself():
