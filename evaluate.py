@@ -117,18 +117,21 @@ def is_image_batch(path: str) -> bool:
 def open_images(path: str) -> Iterator[tuple[tuple[int, ...], object]]:
     """arr_0's shape and a file object at the start of its data, read from the archive without
     loading it (a 50K batch at 256 px is ~10 GB)."""
-    with zipfile.ZipFile(path) as archive, archive.open("arr_0.npy") as f:
-        version = np.lib.format.read_magic(f)
-        if version not in ((1, 0), (2, 0)):
-            raise ValueError(f"{path}: arr_0 is stored in .npy format {version}, which is not read here; re-save it with np.savez")
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran_order, dtype = read_header(f)
-        if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or shape[0] == 0 or fortran_order:
-            raise ValueError(
-                f"{path}: arr_0 must be a C-ordered uint8 array of shape (N, H, W, 3) with N >= 1, "
-                f"got {dtype} {shape}{' in Fortran order' if fortran_order else ''}"
-            )
-        yield shape, f
+    try:
+        with zipfile.ZipFile(path) as archive, archive.open("arr_0.npy") as f:
+            version = np.lib.format.read_magic(f)
+            if version not in ((1, 0), (2, 0)):
+                raise ValueError(f"{path}: arr_0 is stored in .npy format {version}, which is not read here; re-save it with np.savez")
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran_order, dtype = read_header(f)
+            if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or shape[0] == 0 or fortran_order:
+                raise ValueError(
+                    f"{path}: arr_0 must be a C-ordered uint8 array of shape (N, H, W, 3) with N >= 1, "
+                    f"got {dtype} {shape}{' in Fortran order' if fortran_order else ''}"
+                )
+            yield shape, f
+    except zipfile.BadZipFile as error:  # a CRC mismatch, here or while the caller reads: damaged on disk or in transfer
+        raise ValueError(f"{path} is damaged ({error})") from None
 
 
 def image_batches(path: str, batch_size: int) -> Iterator[np.ndarray]:
@@ -350,7 +353,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=str, default=None, help="also write the five numbers to this JSON file")
     parser.add_argument(
         "--inception-weights", type=str, default=None,
-        help=f"local copy of {WEIGHTS_FILE} (default: downloaded once into torch's hub cache)",
+        help=f"local copy of {WEIGHTS_FILE}; without it, the file is downloaded once into torch's hub cache",
     )
     parser.add_argument(
         "--batch-size", type=int, default=64, help="images per Inception forward (ADM: 64); changes no number beyond float rounding"

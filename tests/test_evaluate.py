@@ -256,6 +256,22 @@ def test_activation_file_checks(tmp_path):
     assert_one_sentence(str(error.value), "not a readable .npz")
 
 
+def test_reads_the_npz_that_sample_ddp_streams(tmp_path):
+    """sample_ddp.py writes arr_0 into the archive itself (zip64, no compression); read it in batches."""
+    from PIL import Image
+
+    import sample_ddp
+
+    images = np.random.default_rng(14).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
+    folder = tmp_path / "samples"
+    folder.mkdir()
+    for index, image in enumerate(images):
+        Image.fromarray(image).save(sample_ddp.png_path(str(folder), index))
+    path = sample_ddp.write_npz(str(folder), 5, 8)
+    assert evaluate.is_image_batch(path) and evaluate.num_images(path) == 5
+    np.testing.assert_array_equal(np.concatenate(list(evaluate.image_batches(path, 2))), images)
+
+
 def test_image_batch_checks(tmp_path):
     for name, array, needle in [
         ("float", np.zeros((2, 8, 8, 3), np.float32), "uint8"),
@@ -267,6 +283,13 @@ def test_image_batch_checks(tmp_path):
         with pytest.raises(ValueError) as error:
             next(evaluate.image_batches(path, 4))
         assert_one_sentence(str(error.value), needle)
+    path = save(tmp_path / "damaged.npz", arr_0=np.zeros((3, 8, 8, 3), np.uint8))
+    data = bytearray((tmp_path / "damaged.npz").read_bytes())
+    data[200] ^= 0xFF  # inside arr_0's pixels: the archive's CRC no longer matches
+    (tmp_path / "damaged.npz").write_bytes(bytes(data))
+    with pytest.raises(ValueError) as error:
+        list(evaluate.image_batches(path, 2))
+    assert_one_sentence(str(error.value), "damaged")
 
 
 # ---------------------------------------------------------------- the network
