@@ -171,7 +171,7 @@ def resolve_inception_weights(path: str | None) -> str:
         raise ValueError(f"--inception-weights {path} does not exist; it should be {WEIGHTS_FILE} from {WEIGHTS_URL}")
     try:  # checked with weights_only=True before torch-fidelity loads it again
         torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any unreadable or unsafe file gets the same sentence
+    except Exception as error:  # whatever makes it unreadable or unsafe, the same sentence
         raise ValueError(f"{path} is not a loadable weights file ({type(error).__name__}); it should be {WEIGHTS_FILE}") from None
     return path
 
@@ -211,13 +211,13 @@ def inception_activations(model: torch.nn.Module, images: torch.Tensor) -> dict[
 
 
 def compute_activations(path: str, model: torch.nn.Module, device: torch.device, batch_size: int) -> Activations:
+    with open_npz(path) as npz:  # checked before the long part
+        stats = read_stats(path, npz)
     outputs: dict[str, list[np.ndarray]] = {key: [] for key in ACTIVATION_DIMS}
     batches = image_batches(path, batch_size)
     for batch in tqdm(batches, total=-(-num_images(path) // batch_size), desc=os.path.basename(path), unit="batch"):
         for key, value in inception_activations(model, torch.from_numpy(batch).to(device)).items():
             outputs[key].append(value.float().cpu().numpy())
-    with open_npz(path) as npz:
-        stats = read_stats(path, npz)
     return Activations(**{key: np.concatenate(value) for key, value in outputs.items()}, stats=stats)
 
 
@@ -280,7 +280,9 @@ def inception_score(softmax: np.ndarray, split_size: int = IS_SPLIT_SIZE) -> flo
 
 def _distance_formula(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """max(|u|^2 - 2 u.v + |v|^2, 0) with every op's result rounded to u's dtype, as TF rounds each
-    op of ADM's graph; sums run in float32 (exact float16 products), as a GPU's half GEMM does."""
+    op of ADM's graph. The sums run in float32 over exact float16 products and are rounded once, as
+    TF's half matmul does; TF sums the squared norms in float16 in a kernel- and hardware-dependent
+    order, which no other code can repeat bit for bit (a 1-2 float16 step difference at most)."""
     norm_u = (u * u).float().sum(dim=1).to(u.dtype)
     norm_v = (v * v).float().sum(dim=1).to(v.dtype)
     dots = (u.float() @ v.float().T).to(u.dtype)
