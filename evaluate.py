@@ -282,7 +282,7 @@ def _distance_formula(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """max(|u|^2 - 2 u.v + |v|^2, 0) with every op's result rounded to u's dtype, as TF rounds each
     op of ADM's graph. The sums run in float32 over exact float16 products and are rounded once, as
     TF's half matmul does; TF sums the squared norms in float16 in a kernel- and hardware-dependent
-    order, which no other code can repeat bit for bit (a 1-2 float16 step difference at most)."""
+    order, which no other code can repeat bit for bit (1 to 2 float16 steps apart on the data checked)."""
     norm_u = (u * u).float().sum(dim=1).to(u.dtype)
     norm_v = (v * v).float().sum(dim=1).to(v.dtype)
     dots = (u.float() @ v.float().T).to(u.dtype)
