@@ -199,7 +199,7 @@ def inception_activations(model: torch.nn.Module, images: torch.Tensor) -> dict[
 
     TF's graph names its Inception blocks mixed, mixed_1, ..., mixed_10; torch-fidelity's weight
     converter maps `mixed_6/conv/{conv2d_params,batchnorm}` to Mixed_6d.branch1x1. The TF tensor
-    `mixed_6/conv:0` is that 1x1 branch's output after batch norm and ReLU, which is exactly what
+    `mixed_6/conv:0`, the output of that scope, is the 1x1 branch after batch norm and ReLU: what
     BasicConv2d Mixed_6d.branch1x1 returns, so a forward hook there reads ADM's sFID layer."""
     captured = {}
     hook = model.Mixed_6d.branch1x1.register_forward_hook(lambda module, inputs, output: captured.update(mixed_6_conv=output))
