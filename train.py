@@ -17,6 +17,8 @@ import math
 import os
 import resource
 import time
+from collections.abc import Iterable, Iterator
+from contextlib import nullcontext
 from copy import deepcopy
 from dataclasses import dataclass
 
@@ -63,6 +65,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=1400)
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in total")
     parser.add_argument("--global-batch-size", type=int, default=256)
+    parser.add_argument(
+        "--grad-accum-steps", type=int, default=1,
+        help="split each process's share of a global batch into this many micro-batches (one backward pass each)",
+    )
     parser.add_argument("--global-seed", type=int, default=0)
     add_vae_flags(parser, default="ema")
     parser.add_argument("--num-workers", type=int, default=4)
@@ -133,6 +139,86 @@ def total_grad_norm(model: torch.nn.Module) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
 
+def micro_batch_backward(
+    model: torch.nn.Module,
+    diffusion: SpacedDiffusion,
+    latents: torch.Tensor,
+    labels: torch.Tensor,
+    t: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    *,
+    loss_weight: float = 1.0,
+    precision: str = "fp32",
+    scaler: torch.amp.GradScaler | None = None,
+) -> torch.Tensor:
+    """Add the gradient of loss_weight x the mean hybrid diffusion loss of one batch to the
+    parameters' gradients; return that mean loss (detached, on the device).
+
+    Timesteps are uniform and the noise Gaussian unless given. Under bf16/fp16 only the model
+    runs in autocast; the loss is computed in fp32.
+    """
+    scaler = scaler or grad_scaler("fp32", latents.device)
+    if t is None:
+        t = torch.randint(0, diffusion.num_timesteps, (latents.shape[0],), device=latents.device)
+
+    def forward(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with autocast(precision, latents.device):
+            return model(x, t, y).float()
+
+    loss = diffusion.training_losses(forward, latents, t, dict(y=labels), noise=noise)["loss"].mean()
+    scaler.scale(loss * loss_weight if loss_weight != 1.0 else loss).backward()
+    return loss.detach()
+
+
+def optimizer_update(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, with_grad_norm: bool = False
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """One optimizer step on the accumulated gradients. Returns the gradient norm when asked and,
+    under fp16 loss scaling, whether the step was skipped for inf/NaN gradients (device tensors)."""
+    grad_norm = skipped = None
+    if with_grad_norm or scaler.is_enabled():
+        scaler.unscale_(optimizer)  # a no-op unless loss scaling is on
+        grad_norm = total_grad_norm(model)
+    if scaler.is_enabled():
+        # The scaler skips the update exactly when some gradient is inf/NaN, i.e. when the norm is.
+        skipped = ~torch.isfinite(grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    return grad_norm if with_grad_norm else None, skipped
+
+
+def accumulated_step(
+    model: torch.nn.Module,
+    diffusion: SpacedDiffusion,
+    optimizer: torch.optim.Optimizer,
+    micro_batches: Iterable[tuple[torch.Tensor, ...]],
+    accum_steps: int,
+    precision: str = "fp32",
+    with_grad_norm: bool = False,
+    scaler: torch.amp.GradScaler | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """One optimizer step on the mean loss of `accum_steps` equal micro-batches, each
+    (latents, labels) or (latents, labels, t, noise), taken one at a time.
+
+    Each micro-batch loss is weighted 1/accum_steps and DDP averages over the processes, so the
+    gradient is that of the mean loss over the global batch. DDP all-reduces only after the
+    last micro-batch (no_sync on the others). Returns the mean loss, then as optimizer_update.
+    """
+    scaler = scaler or grad_scaler("fp32", next(model.parameters()).device)
+    optimizer.zero_grad(set_to_none=True)
+    no_sync = getattr(model, "no_sync", None)  # DDP's, also through torch.compile's wrapper
+    total = None
+    for index, micro_batch in enumerate(micro_batches):
+        last = index == accum_steps - 1
+        with no_sync() if no_sync is not None and not last else nullcontext():
+            loss = micro_batch_backward(
+                model, diffusion, *micro_batch, loss_weight=1 / accum_steps, precision=precision, scaler=scaler
+            )
+        total = loss if total is None else total + loss
+    grad_norm, skipped = optimizer_update(model, optimizer, scaler, with_grad_norm)
+    return total / accum_steps if accum_steps > 1 else total, grad_norm, skipped
+
+
 def training_step(
     model: torch.nn.Module,
     diffusion: SpacedDiffusion,
@@ -143,32 +229,8 @@ def training_step(
     with_grad_norm: bool = False,
     scaler: torch.amp.GradScaler | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """One optimizer step on the hybrid diffusion loss at uniform timesteps.
-
-    Returns the (detached) mean loss, the gradient norm when asked, and, under fp16 loss
-    scaling, whether the step was skipped for inf/NaN gradients; all on the device (no
-    host sync). Under bf16/fp16 only the model runs in autocast; the loss is computed in fp32.
-    """
-    scaler = scaler or grad_scaler("fp32", latents.device)
-    t = torch.randint(0, diffusion.num_timesteps, (latents.shape[0],), device=latents.device)
-
-    def forward(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with autocast(precision, latents.device):
-            return model(x, t, y).float()
-
-    loss = diffusion.training_losses(forward, latents, t, dict(y=labels))["loss"].mean()
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    grad_norm = skipped = None
-    if with_grad_norm or scaler.is_enabled():
-        scaler.unscale_(optimizer)  # a no-op unless loss scaling is on
-        grad_norm = total_grad_norm(model)
-    if scaler.is_enabled():
-        # The scaler skips the update exactly when some gradient is inf/NaN, i.e. when the norm is.
-        skipped = ~torch.isfinite(grad_norm)
-    scaler.step(optimizer)
-    scaler.update()
-    return loss.detach(), grad_norm if with_grad_norm else None, skipped
+    """One optimizer step on one batch: accumulated_step without accumulation."""
+    return accumulated_step(model, diffusion, optimizer, [(latents, labels)], 1, precision, with_grad_norm, scaler)
 
 
 @torch.no_grad()
@@ -209,8 +271,14 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     patch_size = int(args.model.split("/")[-1])
     if args.data_path is None and args.feature_path is None:
         raise SystemExit("pass --data-path (an image folder) or --feature-path (the output of extract_features.py)")
-    if args.global_batch_size % world_size:
-        raise SystemExit(f"--global-batch-size {args.global_batch_size} is not divisible by the world size {world_size}")
+    for flag in ("log_every", "ckpt_every", "sample_steps", "grad_accum_steps"):
+        if getattr(args, flag) < 1:
+            raise SystemExit(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.global_batch_size % (world_size * args.grad_accum_steps):
+        raise SystemExit(
+            f"--global-batch-size {args.global_batch_size} is not divisible by the world size {world_size}"
+            + (f" times --grad-accum-steps {args.grad_accum_steps}" if args.grad_accum_steps > 1 else "")
+        )
     try:
         latent = latent_size(args.image_size)
     except ValueError as error:
@@ -222,9 +290,6 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         )
     if args.resume not in (None, "auto") and not os.path.isfile(args.resume):
         raise SystemExit(f"--resume {args.resume} does not exist")
-    for flag in ("log_every", "ckpt_every", "sample_steps"):
-        if getattr(args, flag) < 1:
-            raise SystemExit(f"--{flag.replace('_', '-')} must be at least 1")
 
 
 def open_dataset(args: argparse.Namespace, per_rank_batch: int, world_size: int) -> FeatureDataset | ImageDataset:
@@ -419,6 +484,8 @@ def training_checkpoint(run: Run, state: TrainState, rng: list[dict]) -> dict:
         "epoch": state.epoch,
         "epoch_step": state.epoch_step,
         "world_size": run.info.world_size,
+        "grad_accum_steps": run.args.grad_accum_steps,  # the split of the global batch
+        "micro_batch_size": micro_batch_size(run.args, run.info.world_size),
         "dataset_size": run.dataset_size,
         "rng": rng,
         "scaler": run.scaler.state_dict(),  # {} unless fp16
@@ -472,11 +539,11 @@ class RunningStats:
         self.steps = 0
         self.start = time.time()
 
-    def add(
-        self, loss: torch.Tensor, skipped: torch.Tensor, skipped_step: torch.Tensor | None = None, grad_norm: torch.Tensor | None = None
-    ) -> None:
-        self.loss += loss
+    def add_skipped(self, skipped: torch.Tensor) -> None:
         self.skipped += skipped.sum()
+
+    def add(self, loss: torch.Tensor, skipped_step: torch.Tensor | None = None, grad_norm: torch.Tensor | None = None) -> None:
+        self.loss += loss
         if skipped_step is not None:
             self.skipped_steps += skipped_step
         if grad_norm is not None:
@@ -551,12 +618,28 @@ def batch_to_device(batch: list, vae: torch.nn.Module | None, using_features: bo
     return latents, labels.to(device, non_blocking=True), skipped
 
 
-def make_loader(dataset: Dataset, args: argparse.Namespace, info: DistInfo, per_rank_batch: int) -> tuple[EpochSampler, DataLoader]:
-    """This rank's loader over the shuffled epochs (see EpochSampler), in per-rank batches."""
+def micro_batch_size(args: argparse.Namespace, world_size: int) -> int:
+    """Images per process per backward pass: global batch = micro-batch x accumulation steps x processes."""
+    return args.global_batch_size // (world_size * args.grad_accum_steps)
+
+
+def next_micro_batches(
+    batches: Iterator, count: int, vae: torch.nn.Module | None, using_features: bool, device: torch.device, stats: RunningStats
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The next `count` loader batches as (latents, labels) on the device, made one at a time when
+    asked for (so one micro-batch's images are in memory at once); counts the unreadable images."""
+    for _ in range(count):
+        latents, labels, skipped = batch_to_device(next(batches), vae, using_features, device)
+        stats.add_skipped(skipped)
+        yield latents, labels
+
+
+def make_loader(dataset: Dataset, args: argparse.Namespace, info: DistInfo) -> tuple[EpochSampler, DataLoader]:
+    """This rank's loader over the shuffled epochs (see EpochSampler), in micro-batches."""
     sampler = EpochSampler(len(dataset), info.rank, info.world_size, args.global_seed)
     loader = DataLoader(
         dataset,
-        batch_size=per_rank_batch,
+        batch_size=micro_batch_size(args, info.world_size),
         sampler=sampler,
         num_workers=args.num_workers,
         pin_memory=info.device.type == "cuda",
@@ -619,25 +702,30 @@ def train(args: argparse.Namespace, info: DistInfo) -> None:
     logger.info(f"{args.model}: {sum(p.numel() for p in run.model.parameters()):,} parameters")
 
     per_rank_batch = args.global_batch_size // info.world_size
-    sampler, loader = make_loader(dataset, args, info, per_rank_batch)
+    sampler, loader = make_loader(dataset, args, info)
     steps_per_epoch = sampler.samples_per_rank // per_rank_batch
     using_features = args.feature_path is not None
     source = f"features in {args.feature_path}" if using_features else f"images in {args.data_path}"
-    logger.info(f"{len(dataset):,} {source}; {steps_per_epoch} steps per epoch")
+    logger.info(
+        f"{len(dataset):,} {source}; {steps_per_epoch} steps per epoch; global batch {args.global_batch_size} = "
+        f"{micro_batch_size(args, info.world_size)} images x {args.grad_accum_steps} micro-batches x {info.world_size} process(es)"
+    )
 
     max_steps = args.max_steps if args.max_steps is not None else float("inf")
     logger.info(f"training for {args.epochs} epochs" + (f" or {args.max_steps} steps" if args.max_steps else ""))
     stats = RunningStats(device)
     while state.epoch < args.epochs and state.step < max_steps:
         sampler.set_epoch(state.epoch, state.epoch_step * per_rank_batch)
-        for batch in loader:
-            latents, labels, skipped = batch_to_device(batch, vae, using_features, device)
+        batches = iter(loader)
+        for _ in range(steps_per_epoch - state.epoch_step):
+            micro_batches = next_micro_batches(batches, args.grad_accum_steps, vae, using_features, device, stats)
             with_grad_norm = (state.step + 1) % args.log_every == 0
-            loss, grad_norm, skipped_step = training_step(
-                train_model, diffusion, run.optimizer, latents, labels, args.precision, with_grad_norm, run.scaler
+            loss, grad_norm, skipped_step = accumulated_step(
+                train_model, diffusion, run.optimizer, micro_batches, args.grad_accum_steps,
+                args.precision, with_grad_norm, run.scaler,
             )
-            update_ema(ema, run.model, args.ema_decay)
-            stats.add(loss, skipped, skipped_step, grad_norm)
+            update_ema(ema, run.model, args.ema_decay)  # EMA, logs and checkpoints per optimizer step
+            stats.add(loss, skipped_step, grad_norm)
             state.advance(steps_per_epoch)
 
             if state.step % args.log_every == 0:
