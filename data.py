@@ -42,6 +42,11 @@ class EpochSampler(Sampler):
     DistributedSampler does); the flip of each index is drawn from the same generator.
     `set_epoch(epoch, start)` skips the first `start` samples of this rank's share, to
     resume mid-epoch.
+
+    Global batch k of G images is order[k*G : (k+1)*G] whatever the world size W (W divides
+    G): rank r's share of it is every W-th of those images, and the shares' consecutive runs of
+    G / W make up the ranks' batches. Training takes whole global batches only (the padding is
+    never used), so a run can resume at the same batch on another number of processes.
     """
 
     def __init__(self, dataset_size: int, rank: int, world_size: int, seed: int):

@@ -22,6 +22,7 @@ from contextlib import nullcontext
 from copy import deepcopy
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -292,7 +293,7 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         raise SystemExit(f"--resume {args.resume} does not exist")
 
 
-def open_dataset(args: argparse.Namespace, per_rank_batch: int, world_size: int) -> FeatureDataset | ImageDataset:
+def open_dataset(args: argparse.Namespace) -> FeatureDataset | ImageDataset:
     """The training set (features when --feature-path is given), checked against the settings."""
     try:
         dataset = FeatureDataset(args.feature_path) if args.feature_path else ImageDataset(args.data_path, args.image_size)
@@ -305,7 +306,7 @@ def open_dataset(args: argparse.Namespace, per_rank_batch: int, world_size: int)
     num_classes = len(dataset.meta["classes"]) if args.feature_path else len(dataset.classes)
     if num_classes > args.num_classes:
         raise SystemExit(f"the data has {num_classes} classes but --num-classes is {args.num_classes}")
-    if -(-len(dataset) // world_size) < per_rank_batch:
+    if len(dataset) < args.global_batch_size:
         raise SystemExit(f"the dataset has {len(dataset)} images, fewer than --global-batch-size {args.global_batch_size}")
     return dataset
 
@@ -345,21 +346,20 @@ def find_latest_checkpoint(results_dir: str, model: str) -> str | None:
     return None
 
 
-def check_resumable(checkpoint: dict, path: str, args: argparse.Namespace, world_size: int, dataset_size: int) -> None:
-    """Exit with one sentence unless `checkpoint` continues this run's settings."""
+def check_resumable(checkpoint: dict, path: str, args: argparse.Namespace, dataset_size: int) -> None:
+    """Exit with one sentence unless `checkpoint` continues this run's settings. The number of
+    processes and the accumulation split may change: only the global batch decides the data order."""
     missing = missing_entries(checkpoint, RESUME_KEYS)
     if missing:
         raise SystemExit(f"{path} is not a train.py checkpoint that can be resumed (it lacks {', '.join(missing)})")
     differences = setting_differences(checkpoint["args"], vars(args), RESUME_MATCHING_ARGS)
-    if checkpoint["world_size"] != world_size:
-        differences.append(f"{checkpoint['world_size']} processes (now {world_size})")
     if checkpoint["dataset_size"] != dataset_size:
         differences.append(f"a dataset of {checkpoint['dataset_size']} images (now {dataset_size})")
     if differences:
         raise SystemExit(f"cannot resume from {path}: it was trained with {', '.join(differences)}; resume with the same settings")
 
 
-def open_resume_checkpoint(args: argparse.Namespace, world_size: int, dataset_size: int) -> tuple[dict | None, str | None]:
+def open_resume_checkpoint(args: argparse.Namespace, dataset_size: int) -> tuple[dict | None, str | None]:
     """The checkpoint that --resume names (checked against the settings) and its path, or (None, None)."""
     path = find_latest_checkpoint(args.results_dir, args.model) if args.resume == "auto" else args.resume
     if path is None:
@@ -368,7 +368,7 @@ def open_resume_checkpoint(args: argparse.Namespace, world_size: int, dataset_si
         checkpoint = load_checkpoint(path, map_location="cpu")
     except ValueError as error:
         raise SystemExit(str(error)) from None
-    check_resumable(checkpoint, path, args, world_size, dataset_size)
+    check_resumable(checkpoint, path, args, dataset_size)
     return checkpoint, path
 
 
@@ -394,10 +394,26 @@ def experiment_folder(args: argparse.Namespace, resume_path: str | None, is_main
     return create_experiment_dir(args.results_dir, args.model)
 
 
-def restore_rng_state(states: list[dict], rank: int, device: torch.device) -> None:
-    torch.set_rng_state(states[rank]["cpu"])
-    if device.type == "cuda" and states[rank]["cuda"] is not None:
-        torch.cuda.set_rng_state(states[rank]["cuda"], device)
+def seed_for_step(seed: int, step: int, rank: int) -> int:
+    """A seed for the random draws of process `rank` from `step` on, a function of these alone."""
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, np.uint64)[0])
+
+
+def restore_rng_state(checkpoint: dict, step: int, info: DistInfo, seed: int) -> None:
+    """Continue each process's random draws (timesteps, noise, label dropout, latent samples):
+    exactly where they stopped on the same number of processes; on another number, where the
+    checkpoint has no stream for some ranks, anew from (seed, step, rank)."""
+    if checkpoint["world_size"] == info.world_size:
+        states = checkpoint["rng"][info.rank]
+        torch.set_rng_state(states["cpu"])
+        if info.device.type == "cuda" and states["cuda"] is not None:
+            torch.cuda.set_rng_state(states["cuda"], info.device)
+        return
+    torch.manual_seed(seed_for_step(seed, step, info.rank))
+    logger.info(
+        f"the checkpoint was trained by {checkpoint['world_size']} process(es), now {info.world_size}: "
+        f"the data order continues as it was, random draws start anew from (--global-seed, step {step}, rank)"
+    )
 
 
 def parameters_are_finite(model: torch.nn.Module) -> bool:
@@ -431,7 +447,7 @@ class TrainState:
     def advance(self, steps_per_epoch: int) -> None:
         self.step += 1
         self.epoch_step += 1
-        if self.epoch_step == steps_per_epoch:  # the loader drops the last partial batch
+        if self.epoch_step == steps_per_epoch:  # the last partial global batch is dropped
             self.epoch, self.epoch_step = self.epoch + 1, 0
 
 
@@ -469,7 +485,10 @@ def restore_run(run: Run, checkpoint: dict, path: str) -> TrainState:
     if run.scaler.is_enabled() and checkpoint.get("scaler"):  # the loss scale of an fp16 run
         run.scaler.load_state_dict(checkpoint["scaler"])
     step, epoch, epoch_step = checkpoint["step"], checkpoint["epoch"], checkpoint["epoch_step"]
-    logger.info(f"resuming from {path} at step {step} (epoch {epoch}, batch {epoch_step} of the epoch)")
+    logger.info(
+        f"resuming from {path} at step {step} (epoch {epoch}, batch {epoch_step} of the epoch), trained with "
+        f"{checkpoint['world_size']} process(es) x {checkpoint.get('grad_accum_steps', 1)} micro-batches"
+    )
     return TrainState(step, epoch, epoch_step, last_checkpoint=path, checked_step=step, saved_step=step)
 
 
@@ -674,8 +693,8 @@ def set_up(args: argparse.Namespace, info: DistInfo) -> tuple[Run, TrainState, D
     validate_args(args, info.world_size)
     args.precision, precision_note = setup_precision(args.precision, info.device)  # `auto` -> what it chose
     torch.manual_seed(args.global_seed * info.world_size + info.rank)
-    dataset = open_dataset(args, args.global_batch_size // info.world_size, info.world_size)
-    checkpoint, resume_path = open_resume_checkpoint(args, info.world_size, len(dataset))
+    dataset = open_dataset(args)
+    checkpoint, resume_path = open_resume_checkpoint(args, len(dataset))
     vae = open_vae(args, dataset, info.device)
 
     experiment_dir = experiment_folder(args, resume_path, info.is_main)
@@ -690,7 +709,7 @@ def set_up(args: argparse.Namespace, info: DistInfo) -> tuple[Run, TrainState, D
     state = TrainState()
     if checkpoint is not None:
         state = restore_run(run, checkpoint, resume_path)
-        restore_rng_state(checkpoint["rng"], info.rank, info.device)  # after everything that draws numbers
+        restore_rng_state(checkpoint, state.step, info, args.global_seed)  # after everything that draws numbers
     return run, state, dataset, vae
 
 
@@ -703,7 +722,8 @@ def train(args: argparse.Namespace, info: DistInfo) -> None:
 
     per_rank_batch = args.global_batch_size // info.world_size
     sampler, loader = make_loader(dataset, args, info)
-    steps_per_epoch = sampler.samples_per_rank // per_rank_batch
+    # Whole global batches only, the same number whatever the processes (see EpochSampler).
+    steps_per_epoch = len(dataset) // args.global_batch_size
     using_features = args.feature_path is not None
     source = f"features in {args.feature_path}" if using_features else f"images in {args.data_path}"
     logger.info(

@@ -88,3 +88,29 @@ def test_documented_bytes_per_image():
     # README: 256 px images (32x32 latents) take 32 KiB per image in float16, 64 KiB in float32.
     assert feature_bytes_per_image(32, "float16") == 32 * 1024 + 9
     assert feature_bytes_per_image(32, "float32") == 64 * 1024 + 9
+
+
+def global_batches(size: int, world_size: int, global_batch: int, epoch: int, start_step: int = 0) -> list[list[int]]:
+    """The images of each optimizer step from start_step on, gathered over the ranks' shares as
+    train.py takes them (set_epoch(epoch, start_step x per-rank batch), whole global batches only)."""
+    per_rank = global_batch // world_size
+    steps = size // global_batch - start_step
+    shares = []
+    for rank in range(world_size):
+        sampler = EpochSampler(size, rank, world_size, seed=3)
+        sampler.set_epoch(epoch, start_step * per_rank)
+        shares.append([index for index, _ in sampler])
+    return [sorted(i for share in shares for i in share[k * per_rank : (k + 1) * per_rank]) for k in range(steps)]
+
+
+@pytest.mark.parametrize("size", [24, 30, 31])
+def test_global_batches_do_not_depend_on_the_world_size(size):
+    one = global_batches(size, 1, 8, epoch=2)
+    order = [index for index, _ in EpochSampler(size, 0, 1, seed=3).epoch_items(2)]
+    assert one == [sorted(order[k * 8 : (k + 1) * 8]) for k in range(size // 8)]
+    flat = [i for batch in one for i in batch]
+    assert len(set(flat)) == len(flat) == size // 8 * 8  # no image twice, only the last partial batch left out
+    for world_size in (2, 4, 8):
+        assert global_batches(size, world_size, 8, epoch=2) == one
+        # Resumed after step 1 on another number of processes: the remaining batches, unchanged.
+        assert global_batches(size, world_size, 8, epoch=2, start_step=1) == one[1:]
