@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset
 
-from checkpoint import load_checkpoint, missing_entries, save_checkpoint, setting_differences
+from checkpoint import load_checkpoint, missing_entries, model_weights, save_checkpoint, setting_differences
 from cli import add_compile_flag, add_model_flags, add_precision_flag, add_vae_flags, make_parser
 from data import EpochSampler, FeatureDataset, ImageDataset, vae_encoder_fingerprint
 from diffusion import SpacedDiffusion, create_diffusion
@@ -41,7 +41,8 @@ from distributed import (
     setup_distributed,
 )
 from images import save_grid
-from models import DiT, DiT_models
+from download import PRETRAINED_MODELS, download_model
+from models import DiT, DiT_models, check_state_dict
 from precision import autocast, grad_scaler, setup_precision
 from sampling import denoise
 from vae import HUB_VAES, LATENT_SCALE, decode, encode, latent_size, load_vae
@@ -87,6 +88,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="fused: scaled_dot_product_attention; plain: the written-out formula (faster for bf16 training on CPUs)",
     )
     parser.add_argument("--resume", type=str, default=None, help="a checkpoint to continue, or 'auto' for the newest one")
+    parser.add_argument(
+        "--init-from", type=str, default=None,
+        help="fine-tune: start from the model and EMA weights of a checkpoint path or a released name "
+        f"({', '.join(PRETRAINED_MODELS)}), with a new optimizer at step 0; ignored when resuming",
+    )
     return parser.parse_args(argv)
 
 
@@ -291,6 +297,10 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         )
     if args.resume not in (None, "auto") and not os.path.isfile(args.resume):
         raise SystemExit(f"--resume {args.resume} does not exist")
+    if args.init_from is not None and args.init_from not in PRETRAINED_MODELS and not os.path.isfile(args.init_from):
+        raise SystemExit(
+            f"--init-from {args.init_from} does not exist; pass a checkpoint file or a released name ({', '.join(PRETRAINED_MODELS)})"
+        )
 
 
 def open_dataset(args: argparse.Namespace) -> FeatureDataset | ImageDataset:
@@ -457,22 +467,71 @@ class Run:
 
     args: argparse.Namespace
     info: DistInfo
-    experiment_dir: str | None
     dataset_size: int
     model: DiT
     ema: DiT
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
+    experiment_dir: str | None = None  # rank 0's; made once the settings and weights are checked
 
 
-def build_run(args: argparse.Namespace, info: DistInfo, experiment_dir: str | None, dataset_size: int) -> Run:
+def build_run(args: argparse.Namespace, info: DistInfo, dataset_size: int) -> Run:
     """A fresh model, its EMA copy (the reference initialises both alike), optimizer and loss scaler."""
     model = DiT_models[args.model](
         input_size=args.image_size // 8, num_classes=args.num_classes, fused_attn=args.attention == "fused"
     ).to(info.device)
     ema = deepcopy(model).requires_grad_(False)
     optimizer = build_optimizer(model, args.lr)
-    return Run(args, info, experiment_dir, dataset_size, model, ema, optimizer, grad_scaler(args.precision, info.device))
+    return Run(args, info, dataset_size, model, ema, optimizer, grad_scaler(args.precision, info.device))
+
+
+def initial_weights(source: str) -> tuple[dict, dict]:
+    """(model weights, EMA weights) of a released name (downloaded if absent: its EMA weights are
+    both) or of a checkpoint file (a train.py checkpoint, or a bare state dict used for both)."""
+    try:
+        if source in PRETRAINED_MODELS:
+            weights = download_model(source)
+            return weights, weights
+        checkpoint = load_checkpoint(source)
+    except (FileNotFoundError, RuntimeError, ValueError) as error:  # one-sentence errors
+        raise SystemExit(str(error).replace("--ckpt PATH", "--init-from PATH")) from None
+    if isinstance(checkpoint, dict) and "model" in checkpoint and "ema" in checkpoint:
+        return checkpoint["model"], checkpoint["ema"]
+    return model_weights(checkpoint), model_weights(checkpoint)
+
+
+def fitted_initial_weights(run: Run, source: str) -> tuple[dict, dict, str | None]:
+    """The model and EMA weights of `source` checked against the model (exits on a mismatch), and
+    a note when the label table keeps its fresh initialisation: for another number of classes,
+    the other weights carry over, as in fine-tuning a classifier on new classes."""
+    model_state, ema_state = initial_weights(source)
+    table = "y_embedder.embedding_table.weight"
+    new_table, old_table = run.model.state_dict()[table], model_state.get(table)
+    relabel = old_table is not None and old_table.shape != new_table.shape and old_table.shape[1:] == new_table.shape[1:]
+    if relabel:
+        model_state, ema_state = {**model_state, table: new_table}, {**ema_state, table: run.ema.state_dict()[table]}
+    for module, weights in ((run.model, model_state), (run.ema, ema_state)):
+        try:
+            check_state_dict(module, weights, what=f"--init-from {source}")
+        except ValueError as error:
+            raise SystemExit(str(error)) from None
+    note = None
+    if relabel:
+        null = " + the null label" if run.model.y_embedder.dropout_prob > 0 else ""
+        note = (
+            f"the label table of {source} has {old_table.shape[0]} rows, this run needs {new_table.shape[0]} "
+            f"(--num-classes {run.args.num_classes}{null}): it starts from a new random initialisation"
+        )
+    return model_state, ema_state, note
+
+
+def init_from(run: Run, source: str, model_state: dict, ema_state: dict, note: str | None) -> None:
+    """Start from the weights to fine-tune (a new optimizer, at step 0)."""
+    run.model.load_state_dict(model_state, strict=True)
+    run.ema.load_state_dict(ema_state, strict=True)
+    logger.info(f"initialised the model and EMA weights from {source} (new optimizer, step 0)")
+    if note:
+        logger.info(note)
 
 
 def restore_run(run: Run, checkpoint: dict, path: str) -> TrainState:
@@ -688,8 +747,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def set_up(args: argparse.Namespace, info: DistInfo) -> tuple[Run, TrainState, Dataset, torch.nn.Module | None]:
-    """Check the settings, open the data (and the checkpoint to resume), make the experiment
-    folder and the logger, and build or restore what is trained."""
+    """Check the settings, open the data (and the checkpoint to resume or the weights to fine-tune),
+    build what is trained, make the experiment folder and the logger, then load the weights."""
     validate_args(args, info.world_size)
     args.precision, precision_note = setup_precision(args.precision, info.device)  # `auto` -> what it chose
     torch.manual_seed(args.global_seed * info.world_size + info.rank)
@@ -697,16 +756,23 @@ def set_up(args: argparse.Namespace, info: DistInfo) -> tuple[Run, TrainState, D
     checkpoint, resume_path = open_resume_checkpoint(args, len(dataset))
     vae = open_vae(args, dataset, info.device)
 
-    experiment_dir = experiment_folder(args, resume_path, info.is_main)
-    create_logger(experiment_dir, info.rank)
-    logger.info(f"experiment folder {experiment_dir}; {info.world_size} process(es) on {info.device}; arguments {vars(args)}")
+    run = build_run(args, info, len(dataset))
+    fine_tune = args.init_from is not None and checkpoint is None
+    initial = fitted_initial_weights(run, args.init_from) if fine_tune else None
+
+    run.experiment_dir = experiment_folder(args, resume_path, info.is_main)
+    create_logger(run.experiment_dir, info.rank)
+    logger.info(f"experiment folder {run.experiment_dir}; {info.world_size} process(es) on {info.device}; arguments {vars(args)}")
     if precision_note:
         logger.info(precision_note)
     if args.resume == "auto" and resume_path is None:
         logger.info(f"--resume auto found no checkpoint of {args.model} in {args.results_dir}: starting a new run")
+    if args.init_from is not None and not fine_tune:
+        logger.info(f"resuming: --init-from {args.init_from} is not used")
 
-    run = build_run(args, info, experiment_dir, len(dataset))
     state = TrainState()
+    if initial is not None:
+        init_from(run, args.init_from, *initial)
     if checkpoint is not None:
         state = restore_run(run, checkpoint, resume_path)
         restore_rng_state(checkpoint, state.step, info, args.global_seed)  # after everything that draws numbers
