@@ -64,6 +64,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--feature-path", type=str, default=None, help="train from extract_features.py output instead of images")
     parser.add_argument("--results-dir", type=str, default="results")
     add_model_flags(parser)
+    parser.add_argument(
+        "--class-dropout-prob", type=float, default=0.1,
+        help="labels replaced by the null label in training, for classifier-free guidance (paper Section 3.1); "
+        "0 gives no null label (with --num-classes 1: unconditional training)",
+    )
     parser.add_argument("--epochs", type=int, default=1400)
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in total")
     parser.add_argument("--global-batch-size", type=int, default=256)
@@ -249,7 +254,8 @@ def sample_images(
     seed: int,
     precision: str = "fp32",
 ) -> torch.Tensor:
-    """SAMPLE_COUNT EMA samples with guidance SAMPLE_CFG_SCALE, as images in [-1, 1].
+    """SAMPLE_COUNT EMA samples with guidance SAMPLE_CFG_SCALE (none for a model without a null
+    label), as images in [-1, 1].
 
     Noise and labels come from a private generator seeded with `seed`: every call draws the
     same ones (so grids are comparable over training) and the training RNG is left untouched.
@@ -264,7 +270,8 @@ def sample_images(
         return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
     diffusion = create_diffusion(str(num_sampling_steps))
-    latents = denoise(ema, diffusion, z, y, SAMPLE_CFG_SCALE, precision=precision, noise_fn=noise_fn)
+    cfg_scale = SAMPLE_CFG_SCALE if ema.y_embedder.dropout_prob > 0 else None
+    latents = denoise(ema, diffusion, z, y, cfg_scale, precision=precision, noise_fn=noise_fn)
     return decode(vae, latents)
 
 
@@ -278,9 +285,11 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     patch_size = int(args.model.split("/")[-1])
     if args.data_path is None and args.feature_path is None:
         raise SystemExit("pass --data-path (an image folder) or --feature-path (the output of extract_features.py)")
-    for flag in ("log_every", "ckpt_every", "sample_steps", "grad_accum_steps"):
+    for flag in ("log_every", "ckpt_every", "sample_steps", "grad_accum_steps", "num_classes"):
         if getattr(args, flag) < 1:
             raise SystemExit(f"--{flag.replace('_', '-')} must be at least 1")
+    if not 0 <= args.class_dropout_prob < 1:
+        raise SystemExit(f"--class-dropout-prob must lie in [0, 1), got {args.class_dropout_prob}")
     if args.global_batch_size % (world_size * args.grad_accum_steps):
         raise SystemExit(
             f"--global-batch-size {args.global_batch_size} is not divisible by the world size {world_size}"
@@ -363,6 +372,9 @@ def check_resumable(checkpoint: dict, path: str, args: argparse.Namespace, datas
     if missing:
         raise SystemExit(f"{path} is not a train.py checkpoint that can be resumed (it lacks {', '.join(missing)})")
     differences = setting_differences(checkpoint["args"], vars(args), RESUME_MATCHING_ARGS)
+    saved_null_label = checkpoint["args"].get("class_dropout_prob", 0.1) > 0  # older checkpoints: the default
+    if saved_null_label != (args.class_dropout_prob > 0):
+        differences.append(f"{'a' if saved_null_label else 'no'} null label (--class-dropout-prob {args.class_dropout_prob} now)")
     if checkpoint["dataset_size"] != dataset_size:
         differences.append(f"a dataset of {checkpoint['dataset_size']} images (now {dataset_size})")
     if differences:
@@ -478,7 +490,10 @@ class Run:
 def build_run(args: argparse.Namespace, info: DistInfo, dataset_size: int) -> Run:
     """A fresh model, its EMA copy (the reference initialises both alike), optimizer and loss scaler."""
     model = DiT_models[args.model](
-        input_size=args.image_size // 8, num_classes=args.num_classes, fused_attn=args.attention == "fused"
+        input_size=args.image_size // 8,
+        num_classes=args.num_classes,
+        class_dropout_prob=args.class_dropout_prob,
+        fused_attn=args.attention == "fused",
     ).to(info.device)
     ema = deepcopy(model).requires_grad_(False)
     optimizer = build_optimizer(model, args.lr)
