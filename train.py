@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import importlib.util
 import json
 import logging
 import math
@@ -21,12 +22,14 @@ from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 from copy import deepcopy
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset
+from torchvision.utils import make_grid
 
 from checkpoint import load_checkpoint, missing_entries, model_weights, save_checkpoint, setting_differences
 from cli import add_compile_flag, add_model_flags, add_precision_flag, add_vae_flags, make_parser
@@ -46,6 +49,9 @@ from models import DiT, DiT_models, check_state_dict
 from precision import autocast, grad_scaler, setup_precision
 from sampling import denoise
 from vae import HUB_VAES, LATENT_SCALE, decode, encode, latent_size, load_vae
+
+if TYPE_CHECKING:  # an optional dependency, imported with --tensorboard only
+    from torch.utils.tensorboard import SummaryWriter
 
 # Periodic sample grids: a few EMA samples with classifier-free guidance.
 SAMPLE_COUNT = 8
@@ -83,6 +89,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ckpt-every", type=int, default=50_000)
     parser.add_argument("--sample-every", type=int, default=0, help="save an EMA sample grid every N steps (0: never)")
     parser.add_argument("--sample-steps", type=int, default=50, help="DDPM steps for the sample grids")
+    parser.add_argument(
+        "--tensorboard", action="store_true",
+        help="also write the metrics and sample grids as TensorBoard events to <experiment>/tensorboard (needs tensorboard)",
+    )
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--ema-decay", type=float, default=0.9999)
     add_precision_flag(parser, default="tf32")
@@ -288,6 +298,8 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     for flag in ("log_every", "ckpt_every", "sample_steps", "grad_accum_steps", "num_classes"):
         if getattr(args, flag) < 1:
             raise SystemExit(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise SystemExit("--tensorboard needs the tensorboard package, which is not installed: pip install tensorboard")
     if not 0 <= args.class_dropout_prob < 1:
         raise SystemExit(f"--class-dropout-prob must lie in [0, 1), got {args.class_dropout_prob}")
     if args.global_batch_size % (world_size * args.grad_accum_steps):
@@ -485,6 +497,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     experiment_dir: str | None = None  # rank 0's; made once the settings and weights are checked
+    tensorboard: SummaryWriter | None = None  # rank 0's, with --tensorboard
 
 
 def build_run(args: argparse.Namespace, info: DistInfo, dataset_size: int) -> Run:
@@ -687,6 +700,10 @@ def log_metrics(run: Run, state: TrainState, stats: RunningStats) -> None:
     if run.info.is_main:
         with open(os.path.join(run.experiment_dir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
+    if run.tensorboard is not None:
+        for name, value in record.items():
+            if name != "step":
+                run.tensorboard.add_scalar(f"train/{name}", value, state.step)
 
 
 def save_samples(run: Run, vae: torch.nn.Module, step: int) -> None:
@@ -696,8 +713,11 @@ def save_samples(run: Run, vae: torch.nn.Module, step: int) -> None:
     path = os.path.join(run.experiment_dir, "samples", f"{step:07d}.png")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     args = run.args
-    save_grid(sample_images(run.ema, vae, args.sample_steps, args.num_classes, args.global_seed, args.precision), path)
+    samples = sample_images(run.ema, vae, args.sample_steps, args.num_classes, args.global_seed, args.precision)
+    save_grid(samples, path)
     logger.info(f"saved samples {path}")
+    if run.tensorboard is not None:  # the same grid as the PNG
+        run.tensorboard.add_image("samples", make_grid(samples, nrow=4, normalize=True, value_range=(-1, 1)), step)
 
 
 def batch_to_device(batch: list, vae: torch.nn.Module | None, using_features: bool, device: torch.device):
@@ -785,6 +805,10 @@ def set_up(args: argparse.Namespace, info: DistInfo) -> tuple[Run, TrainState, D
     if args.init_from is not None and not fine_tune:
         logger.info(f"resuming: --init-from {args.init_from} is not used")
 
+    if args.tensorboard and info.is_main:
+        from torch.utils.tensorboard import SummaryWriter  # an optional dependency
+
+        run.tensorboard = SummaryWriter(os.path.join(run.experiment_dir, "tensorboard"))
     state = TrainState()
     if initial is not None:
         init_from(run, args.init_from, *initial)
@@ -840,6 +864,8 @@ def train(args: argparse.Namespace, info: DistInfo) -> None:
 
     if state.saved_step != state.step:
         save_training_checkpoint(run, state, stats)
+    if run.tensorboard is not None:
+        run.tensorboard.close()
     logger.info(f"done after {state.step} steps")
 
 
