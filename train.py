@@ -1,11 +1,13 @@
-"""Train a class-conditional DiT on latents of an image folder (or of pre-extracted features).
+"""Train a DiT on latents of an image folder (or of pre-extracted features).
 
   torchrun --nnodes=1 --nproc_per_node=8 train.py --model DiT-XL/2 --data-path /data/imagenet/train
   python train.py --model DiT-S/8 --data-path DIR          (one process, on a GPU or the CPU)
 
 Each run writes results/NNN-<model>/ with log.txt, metrics.jsonl, checkpoints/ and
-(with --sample-every) samples/. `--resume auto` continues the newest run of the model.
-The building blocks (optimizer, EMA update, one training step) are importable.
+(with --sample-every) samples/. `--resume auto` continues the newest run of the model, on
+any number of processes and any --grad-accum-steps that keep the global batch;
+`--init-from CKPT` fine-tunes from other weights. train() reads top-down: set-up, then the
+loop; the building blocks (optimizer, EMA update, one training step) are importable.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.utils import make_grid
 
 from checkpoint import load_checkpoint, missing_entries, model_weights, save_checkpoint, setting_differences
-from cli import add_compile_flag, add_model_flags, add_precision_flag, add_vae_flags, make_parser
+from cli import add_compile_flag, add_data_flags, add_model_flags, add_precision_flag, add_vae_flags, make_parser
 from data import EpochSampler, FeatureDataset, ImageDataset, vae_encoder_fingerprint
 from diffusion import SpacedDiffusion, create_diffusion
 from distributed import (
@@ -66,7 +68,7 @@ logger = logging.getLogger("dit")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = make_parser("Train a class-conditional DiT.")
-    parser.add_argument("--data-path", type=str, default=None, help="ImageFolder root: DIR/<class>/<image>")
+    add_data_flags(parser, required=False)
     parser.add_argument("--feature-path", type=str, default=None, help="train from extract_features.py output instead of images")
     parser.add_argument("--results-dir", type=str, default="results")
     add_model_flags(parser)
@@ -84,7 +86,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--global-seed", type=int, default=0)
     add_vae_flags(parser, default="ema")
-    parser.add_argument("--num-workers", type=int, default=4)
     parser.add_argument("--log-every", type=int, default=100)
     parser.add_argument("--ckpt-every", type=int, default=50_000)
     parser.add_argument("--sample-every", type=int, default=0, help="save an EMA sample grid every N steps (0: never)")
