@@ -32,7 +32,8 @@ def epoch_order(epoch: int) -> list[tuple[int, int]]:
 
 def test_two_processes_resume_on_one_at_the_same_place_of_the_data(tmp_path, image_folder, tiny_vae_dir, monkeypatch):
     args = train_args(image_folder, tiny_vae_dir, tmp_path, "--log-every", "1")
-    run_script(["train.py", *args, "--max-steps", "2"], nproc=2)  # steps 1-2: global batches 0 and 1 of epoch 0
+    # Steps 1-2 (global batches 0 and 1 of epoch 0) on 2 processes x 2 micro-batches of 2 images.
+    run_script(["train.py", *args, "--max-steps", "2", "--grad-accum-steps", "2"], nproc=2)
     experiment = tmp_path / "000-DiT-S-8"
     checkpoint = experiment / "checkpoints" / "0000002.pt"
 
@@ -47,7 +48,7 @@ def test_two_processes_resume_on_one_at_the_same_place_of_the_data(tmp_path, ima
     assert [m["step"] for m in read_metrics(experiment)] == [1, 2, 3, 4, 5]
     assert all(0.5 < m["loss"] < 2 for m in read_metrics(experiment))
     log = (experiment / "log.txt").read_text()
-    assert "resuming from" in log and "at step 2 (epoch 0, batch 2 of the epoch), trained with 2 process(es) x 1 micro-batches" in log
+    assert "resuming from" in log and "at step 2 (epoch 0, batch 2 of the epoch), trained with 2 process(es) x 2 micro-batches" in log
     assert "trained by 2 process(es), now 1: the data order continues as it was, random draws start anew" in log
 
 
