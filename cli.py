@@ -28,6 +28,15 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-classes", type=int, default=1000, help="class labels 0..N-1 (the null label N is added)")
 
 
+def add_data_flags(parser: argparse.ArgumentParser, required: bool) -> None:
+    """--data-path, --num-workers: the image folder and the processes that read it."""
+    parser.add_argument(
+        "--data-path", type=str, required=required, default=None,
+        help="image folder: DIR/<class>/<image>, or DIR/<image> for one class",
+    )
+    parser.add_argument("--num-workers", type=int, default=4, help="data-loading worker processes per process")
+
+
 def add_vae_flags(parser: argparse.ArgumentParser, default: str) -> None:
     """--vae, --vae-path: the Stable Diffusion VAE from the hub, or a local copy."""
     parser.add_argument("--vae", type=str, choices=list(HUB_VAES), default=default, help="stabilityai/sd-vae-ft-<vae> on the hub")

@@ -19,6 +19,7 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from images import center_crop_arr
 
@@ -42,6 +43,11 @@ class EpochSampler(Sampler):
     DistributedSampler does); the flip of each index is drawn from the same generator.
     `set_epoch(epoch, start)` skips the first `start` samples of this rank's share, to
     resume mid-epoch.
+
+    Global batch k of G images is order[k*G : (k+1)*G] whatever the world size W (W divides
+    G): rank r's share of it is every W-th of those images, and the shares' consecutive runs of
+    G / W make up the ranks' batches. Training takes whole global batches only (the padding is
+    never used), so a run can resume at the same batch on another number of processes.
     """
 
     def __init__(self, dataset_size: int, rank: int, world_size: int, seed: int):
@@ -74,8 +80,28 @@ class EpochSampler(Sampler):
         return self.samples_per_rank - self.start
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any image as 8-bit RGB: grayscale is repeated over the channels, 16- and 32-bit grayscale
+    is scaled to 8 bits (PIL's own conversion clips it), and transparent pixels are laid over
+    white (dropping the alpha channel would show whatever colour they happen to store)."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        pixels = np.asarray(image).astype(np.float64)
+        image = Image.fromarray(np.clip(np.round(pixels / 257), 0, 255).astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return image.convert("RGB")
+
+
+def image_files(root: str) -> list[tuple[str, int]]:
+    """(path, 0) for the images directly in root, in sorted order: a dataset of one class."""
+    names = sorted(name for name in os.listdir(root) if name.lower().endswith(IMG_EXTENSIONS))
+    return [(os.path.join(root, name), 0) for name in names if os.path.isfile(os.path.join(root, name))]
+
+
 class ImageDataset(Dataset):
-    """An ImageFolder tree (root/<class>/<image>) as ADM-center-cropped tensors in [-1, 1].
+    """An ImageFolder tree (root/<class>/<image>), or a folder of images without classes (one
+    class, for unconditional training), as ADM-center-cropped RGB tensors in [-1, 1].
 
     Items are addressed by (index, flip). An unreadable file is logged and replaced by the
     next readable image; the item reports how many files it skipped so training can count them.
@@ -86,13 +112,17 @@ class ImageDataset(Dataset):
             raise ValueError(f"the data folder {root} does not exist")
         try:
             folder = ImageFolder(root, allow_empty=True)
-        except FileNotFoundError:
-            folder = None
-        if folder is None or not folder.samples:
-            raise ValueError(f"the data folder {root} holds no images; expected class folders as in {root}/<class>/<image>.png")
+            samples, classes = folder.samples, folder.classes
+        except FileNotFoundError:  # no class folders
+            samples, classes = image_files(root), [""]
+        if not samples:
+            raise ValueError(
+                f"the data folder {root} holds no images; expected class folders as in {root}/<class>/<image>.png "
+                f"or, for one class, images as in {root}/<image>.png"
+            )
         self.root = root
-        self.samples = folder.samples
-        self.classes = folder.classes
+        self.samples = samples
+        self.classes = classes
         self.image_size = image_size
         self.to_tensor = transforms.Compose(
             [transforms.ToTensor(), transforms.Normalize(mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5], inplace=True)]
@@ -106,7 +136,7 @@ class ImageDataset(Dataset):
         path = self.samples[index][0]
         try:
             with Image.open(path) as file:
-                image = file.convert("RGB")
+                image = to_rgb(file)
         except UNREADABLE_IMAGE_ERRORS as error:
             logger.warning(f"skipping unreadable image {path} ({type(error).__name__}: {error})")
             return None

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cli import add_vae_flags, make_parser
+from cli import add_data_flags, add_vae_flags, make_parser
 from data import (
     FEATURE_DTYPES,
     FEATURE_FORMAT,
@@ -41,12 +41,11 @@ LOG_EVERY_BATCHES = 20
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = make_parser("Pre-extract VAE posteriors of an ImageFolder for train.py --feature-path.")
-    parser.add_argument("--data-path", type=str, required=True, help="ImageFolder root: DIR/<class>/<image>")
+    add_data_flags(parser, required=True)
     parser.add_argument("--feature-path", type=str, required=True, help="output folder (created, or continued)")
     parser.add_argument("--image-size", type=int, default=256, help="center-crop size in pixels, a multiple of 8")
     add_vae_flags(parser, default="ema")
     parser.add_argument("--batch-size", type=int, default=32, help="images per process per batch")
-    parser.add_argument("--num-workers", type=int, default=4)
     parser.add_argument("--dtype", type=str, choices=FEATURE_DTYPES, default="float16", help="storage type of mean and std")
     return parser.parse_args(argv)
 

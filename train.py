@@ -1,32 +1,40 @@
-"""Train a class-conditional DiT on latents of an image folder (or of pre-extracted features).
+"""Train a DiT on latents of an image folder (or of pre-extracted features).
 
   torchrun --nnodes=1 --nproc_per_node=8 train.py --model DiT-XL/2 --data-path /data/imagenet/train
   python train.py --model DiT-S/8 --data-path DIR          (one process, on a GPU or the CPU)
 
 Each run writes results/NNN-<model>/ with log.txt, metrics.jsonl, checkpoints/ and
-(with --sample-every) samples/. `--resume auto` continues the newest run of the model.
-The building blocks (optimizer, EMA update, one training step) are importable.
+(with --sample-every) samples/. `--resume auto` continues the newest run of the model, on
+any number of processes and any --grad-accum-steps that keep the global batch;
+`--init-from CKPT` fine-tunes from other weights. train() reads top-down: set-up, then the
+loop; the building blocks (optimizer, EMA update, one training step) are importable.
 """
 from __future__ import annotations
 
 import argparse
 import glob
+import importlib.util
 import json
 import logging
 import math
 import os
 import resource
 import time
+from collections.abc import Iterable, Iterator
+from contextlib import nullcontext
 from copy import deepcopy
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset
+from torchvision.utils import make_grid
 
-from checkpoint import load_checkpoint, missing_entries, save_checkpoint, setting_differences
-from cli import add_compile_flag, add_model_flags, add_precision_flag, add_vae_flags, make_parser
+from checkpoint import load_checkpoint, missing_entries, model_weights, save_checkpoint, setting_differences
+from cli import add_compile_flag, add_data_flags, add_model_flags, add_precision_flag, add_vae_flags, make_parser
 from data import EpochSampler, FeatureDataset, ImageDataset, vae_encoder_fingerprint
 from diffusion import SpacedDiffusion, create_diffusion
 from distributed import (
@@ -38,10 +46,14 @@ from distributed import (
     setup_distributed,
 )
 from images import save_grid
-from models import DiT, DiT_models
+from download import PRETRAINED_MODELS, download_model
+from models import DiT, DiT_models, check_state_dict
 from precision import autocast, grad_scaler, setup_precision
 from sampling import denoise
 from vae import HUB_VAES, LATENT_SCALE, decode, encode, latent_size, load_vae
+
+if TYPE_CHECKING:  # an optional dependency, imported with --tensorboard only
+    from torch.utils.tensorboard import SummaryWriter
 
 # Periodic sample grids: a few EMA samples with classifier-free guidance.
 SAMPLE_COUNT = 8
@@ -56,20 +68,32 @@ logger = logging.getLogger("dit")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = make_parser("Train a class-conditional DiT.")
-    parser.add_argument("--data-path", type=str, default=None, help="ImageFolder root: DIR/<class>/<image>")
+    add_data_flags(parser, required=False)
     parser.add_argument("--feature-path", type=str, default=None, help="train from extract_features.py output instead of images")
     parser.add_argument("--results-dir", type=str, default="results")
     add_model_flags(parser)
+    parser.add_argument(
+        "--class-dropout-prob", type=float, default=0.1,
+        help="labels replaced by the null label in training, for classifier-free guidance (paper Section 3.1); "
+        "0 gives no null label (with --num-classes 1: unconditional training)",
+    )
     parser.add_argument("--epochs", type=int, default=1400)
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in total")
     parser.add_argument("--global-batch-size", type=int, default=256)
+    parser.add_argument(
+        "--grad-accum-steps", type=int, default=1,
+        help="split each process's share of a global batch into this many micro-batches (one backward pass each)",
+    )
     parser.add_argument("--global-seed", type=int, default=0)
     add_vae_flags(parser, default="ema")
-    parser.add_argument("--num-workers", type=int, default=4)
     parser.add_argument("--log-every", type=int, default=100)
     parser.add_argument("--ckpt-every", type=int, default=50_000)
     parser.add_argument("--sample-every", type=int, default=0, help="save an EMA sample grid every N steps (0: never)")
     parser.add_argument("--sample-steps", type=int, default=50, help="DDPM steps for the sample grids")
+    parser.add_argument(
+        "--tensorboard", action="store_true",
+        help="also write the metrics and sample grids as TensorBoard events to <experiment>/tensorboard (needs tensorboard)",
+    )
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--ema-decay", type=float, default=0.9999)
     add_precision_flag(parser, default="tf32")
@@ -80,6 +104,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="fused: scaled_dot_product_attention; plain: the written-out formula (faster for bf16 training on CPUs)",
     )
     parser.add_argument("--resume", type=str, default=None, help="a checkpoint to continue, or 'auto' for the newest one")
+    parser.add_argument(
+        "--init-from", type=str, default=None,
+        help="fine-tune: start from the model and EMA weights of a checkpoint path or a released name "
+        f"({', '.join(PRETRAINED_MODELS)}), with a new optimizer at step 0; ignored when resuming",
+    )
     return parser.parse_args(argv)
 
 
@@ -133,6 +162,86 @@ def total_grad_norm(model: torch.nn.Module) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
 
+def micro_batch_backward(
+    model: torch.nn.Module,
+    diffusion: SpacedDiffusion,
+    latents: torch.Tensor,
+    labels: torch.Tensor,
+    t: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    *,
+    loss_weight: float = 1.0,
+    precision: str = "fp32",
+    scaler: torch.amp.GradScaler | None = None,
+) -> torch.Tensor:
+    """Add the gradient of loss_weight x the mean hybrid diffusion loss of one batch to the
+    parameters' gradients; return that mean loss (detached, on the device).
+
+    Timesteps are uniform and the noise Gaussian unless given. Under bf16/fp16 only the model
+    runs in autocast; the loss is computed in fp32.
+    """
+    scaler = scaler or grad_scaler("fp32", latents.device)
+    if t is None:
+        t = torch.randint(0, diffusion.num_timesteps, (latents.shape[0],), device=latents.device)
+
+    def forward(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with autocast(precision, latents.device):
+            return model(x, t, y).float()
+
+    loss = diffusion.training_losses(forward, latents, t, dict(y=labels), noise=noise)["loss"].mean()
+    scaler.scale(loss * loss_weight if loss_weight != 1.0 else loss).backward()
+    return loss.detach()
+
+
+def optimizer_update(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, with_grad_norm: bool = False
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """One optimizer step on the accumulated gradients. Returns the gradient norm when asked and,
+    under fp16 loss scaling, whether the step was skipped for inf/NaN gradients (device tensors)."""
+    grad_norm = skipped = None
+    if with_grad_norm or scaler.is_enabled():
+        scaler.unscale_(optimizer)  # a no-op unless loss scaling is on
+        grad_norm = total_grad_norm(model)
+    if scaler.is_enabled():
+        # The scaler skips the update exactly when some gradient is inf/NaN, i.e. when the norm is.
+        skipped = ~torch.isfinite(grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    return grad_norm if with_grad_norm else None, skipped
+
+
+def accumulated_step(
+    model: torch.nn.Module,
+    diffusion: SpacedDiffusion,
+    optimizer: torch.optim.Optimizer,
+    micro_batches: Iterable[tuple[torch.Tensor, ...]],
+    accum_steps: int,
+    precision: str = "fp32",
+    with_grad_norm: bool = False,
+    scaler: torch.amp.GradScaler | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """One optimizer step on the mean loss of `accum_steps` equal micro-batches, each
+    (latents, labels) or (latents, labels, t, noise), taken one at a time.
+
+    Each micro-batch loss is weighted 1/accum_steps and DDP averages over the processes, so the
+    gradient is that of the mean loss over the global batch. DDP all-reduces only after the
+    last micro-batch (no_sync on the others). Returns the mean loss, then as optimizer_update.
+    """
+    scaler = scaler or grad_scaler("fp32", next(model.parameters()).device)
+    optimizer.zero_grad(set_to_none=True)
+    no_sync = getattr(model, "no_sync", None)  # DDP's, also through torch.compile's wrapper
+    total = None
+    for index, micro_batch in enumerate(micro_batches):
+        last = index == accum_steps - 1
+        with no_sync() if no_sync is not None and not last else nullcontext():
+            loss = micro_batch_backward(
+                model, diffusion, *micro_batch, loss_weight=1 / accum_steps, precision=precision, scaler=scaler
+            )
+        total = loss if total is None else total + loss
+    grad_norm, skipped = optimizer_update(model, optimizer, scaler, with_grad_norm)
+    return total / accum_steps if accum_steps > 1 else total, grad_norm, skipped
+
+
 def training_step(
     model: torch.nn.Module,
     diffusion: SpacedDiffusion,
@@ -143,32 +252,8 @@ def training_step(
     with_grad_norm: bool = False,
     scaler: torch.amp.GradScaler | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """One optimizer step on the hybrid diffusion loss at uniform timesteps.
-
-    Returns the (detached) mean loss, the gradient norm when asked, and, under fp16 loss
-    scaling, whether the step was skipped for inf/NaN gradients; all on the device (no
-    host sync). Under bf16/fp16 only the model runs in autocast; the loss is computed in fp32.
-    """
-    scaler = scaler or grad_scaler("fp32", latents.device)
-    t = torch.randint(0, diffusion.num_timesteps, (latents.shape[0],), device=latents.device)
-
-    def forward(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with autocast(precision, latents.device):
-            return model(x, t, y).float()
-
-    loss = diffusion.training_losses(forward, latents, t, dict(y=labels))["loss"].mean()
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    grad_norm = skipped = None
-    if with_grad_norm or scaler.is_enabled():
-        scaler.unscale_(optimizer)  # a no-op unless loss scaling is on
-        grad_norm = total_grad_norm(model)
-    if scaler.is_enabled():
-        # The scaler skips the update exactly when some gradient is inf/NaN, i.e. when the norm is.
-        skipped = ~torch.isfinite(grad_norm)
-    scaler.step(optimizer)
-    scaler.update()
-    return loss.detach(), grad_norm if with_grad_norm else None, skipped
+    """One optimizer step on one batch: accumulated_step without accumulation."""
+    return accumulated_step(model, diffusion, optimizer, [(latents, labels)], 1, precision, with_grad_norm, scaler)
 
 
 @torch.no_grad()
@@ -180,7 +265,8 @@ def sample_images(
     seed: int,
     precision: str = "fp32",
 ) -> torch.Tensor:
-    """SAMPLE_COUNT EMA samples with guidance SAMPLE_CFG_SCALE, as images in [-1, 1].
+    """SAMPLE_COUNT EMA samples with guidance SAMPLE_CFG_SCALE (none for a model without a null
+    label), as images in [-1, 1].
 
     Noise and labels come from a private generator seeded with `seed`: every call draws the
     same ones (so grids are comparable over training) and the training RNG is left untouched.
@@ -195,7 +281,8 @@ def sample_images(
         return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
     diffusion = create_diffusion(str(num_sampling_steps))
-    latents = denoise(ema, diffusion, z, y, SAMPLE_CFG_SCALE, precision=precision, noise_fn=noise_fn)
+    cfg_scale = SAMPLE_CFG_SCALE if ema.y_embedder.dropout_prob > 0 else None
+    latents = denoise(ema, diffusion, z, y, cfg_scale, precision=precision, noise_fn=noise_fn)
     return decode(vae, latents)
 
 
@@ -209,8 +296,18 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     patch_size = int(args.model.split("/")[-1])
     if args.data_path is None and args.feature_path is None:
         raise SystemExit("pass --data-path (an image folder) or --feature-path (the output of extract_features.py)")
-    if args.global_batch_size % world_size:
-        raise SystemExit(f"--global-batch-size {args.global_batch_size} is not divisible by the world size {world_size}")
+    for flag in ("log_every", "ckpt_every", "sample_steps", "grad_accum_steps", "num_classes"):
+        if getattr(args, flag) < 1:
+            raise SystemExit(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise SystemExit("--tensorboard needs the tensorboard package, which is not installed: pip install tensorboard")
+    if not 0 <= args.class_dropout_prob < 1:
+        raise SystemExit(f"--class-dropout-prob must lie in [0, 1), got {args.class_dropout_prob}")
+    if args.global_batch_size % (world_size * args.grad_accum_steps):
+        raise SystemExit(
+            f"--global-batch-size {args.global_batch_size} is not divisible by the world size {world_size}"
+            + (f" times --grad-accum-steps {args.grad_accum_steps}" if args.grad_accum_steps > 1 else "")
+        )
     try:
         latent = latent_size(args.image_size)
     except ValueError as error:
@@ -222,12 +319,13 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         )
     if args.resume not in (None, "auto") and not os.path.isfile(args.resume):
         raise SystemExit(f"--resume {args.resume} does not exist")
-    for flag in ("log_every", "ckpt_every", "sample_steps"):
-        if getattr(args, flag) < 1:
-            raise SystemExit(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.init_from is not None and args.init_from not in PRETRAINED_MODELS and not os.path.isfile(args.init_from):
+        raise SystemExit(
+            f"--init-from {args.init_from} does not exist; pass a checkpoint file or a released name ({', '.join(PRETRAINED_MODELS)})"
+        )
 
 
-def open_dataset(args: argparse.Namespace, per_rank_batch: int, world_size: int) -> FeatureDataset | ImageDataset:
+def open_dataset(args: argparse.Namespace) -> FeatureDataset | ImageDataset:
     """The training set (features when --feature-path is given), checked against the settings."""
     try:
         dataset = FeatureDataset(args.feature_path) if args.feature_path else ImageDataset(args.data_path, args.image_size)
@@ -240,7 +338,7 @@ def open_dataset(args: argparse.Namespace, per_rank_batch: int, world_size: int)
     num_classes = len(dataset.meta["classes"]) if args.feature_path else len(dataset.classes)
     if num_classes > args.num_classes:
         raise SystemExit(f"the data has {num_classes} classes but --num-classes is {args.num_classes}")
-    if -(-len(dataset) // world_size) < per_rank_batch:
+    if len(dataset) < args.global_batch_size:
         raise SystemExit(f"the dataset has {len(dataset)} images, fewer than --global-batch-size {args.global_batch_size}")
     return dataset
 
@@ -280,21 +378,23 @@ def find_latest_checkpoint(results_dir: str, model: str) -> str | None:
     return None
 
 
-def check_resumable(checkpoint: dict, path: str, args: argparse.Namespace, world_size: int, dataset_size: int) -> None:
-    """Exit with one sentence unless `checkpoint` continues this run's settings."""
+def check_resumable(checkpoint: dict, path: str, args: argparse.Namespace, dataset_size: int) -> None:
+    """Exit with one sentence unless `checkpoint` continues this run's settings. The number of
+    processes and the accumulation split may change: only the global batch decides the data order."""
     missing = missing_entries(checkpoint, RESUME_KEYS)
     if missing:
         raise SystemExit(f"{path} is not a train.py checkpoint that can be resumed (it lacks {', '.join(missing)})")
     differences = setting_differences(checkpoint["args"], vars(args), RESUME_MATCHING_ARGS)
-    if checkpoint["world_size"] != world_size:
-        differences.append(f"{checkpoint['world_size']} processes (now {world_size})")
+    saved_null_label = checkpoint["args"].get("class_dropout_prob", 0.1) > 0  # older checkpoints: the default
+    if saved_null_label != (args.class_dropout_prob > 0):
+        differences.append(f"{'a' if saved_null_label else 'no'} null label (--class-dropout-prob {args.class_dropout_prob} now)")
     if checkpoint["dataset_size"] != dataset_size:
         differences.append(f"a dataset of {checkpoint['dataset_size']} images (now {dataset_size})")
     if differences:
         raise SystemExit(f"cannot resume from {path}: it was trained with {', '.join(differences)}; resume with the same settings")
 
 
-def open_resume_checkpoint(args: argparse.Namespace, world_size: int, dataset_size: int) -> tuple[dict | None, str | None]:
+def open_resume_checkpoint(args: argparse.Namespace, dataset_size: int) -> tuple[dict | None, str | None]:
     """The checkpoint that --resume names (checked against the settings) and its path, or (None, None)."""
     path = find_latest_checkpoint(args.results_dir, args.model) if args.resume == "auto" else args.resume
     if path is None:
@@ -303,7 +403,7 @@ def open_resume_checkpoint(args: argparse.Namespace, world_size: int, dataset_si
         checkpoint = load_checkpoint(path, map_location="cpu")
     except ValueError as error:
         raise SystemExit(str(error)) from None
-    check_resumable(checkpoint, path, args, world_size, dataset_size)
+    check_resumable(checkpoint, path, args, dataset_size)
     return checkpoint, path
 
 
@@ -329,10 +429,26 @@ def experiment_folder(args: argparse.Namespace, resume_path: str | None, is_main
     return create_experiment_dir(args.results_dir, args.model)
 
 
-def restore_rng_state(states: list[dict], rank: int, device: torch.device) -> None:
-    torch.set_rng_state(states[rank]["cpu"])
-    if device.type == "cuda" and states[rank]["cuda"] is not None:
-        torch.cuda.set_rng_state(states[rank]["cuda"], device)
+def seed_for_step(seed: int, step: int, rank: int) -> int:
+    """A seed for the random draws of process `rank` from `step` on, a function of these alone."""
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, np.uint64)[0])
+
+
+def restore_rng_state(checkpoint: dict, step: int, info: DistInfo, seed: int) -> None:
+    """Continue each process's random draws (timesteps, noise, label dropout, latent samples):
+    exactly where they stopped on the same number of processes; on another number, where the
+    checkpoint has no stream for some ranks, anew from (seed, step, rank)."""
+    if checkpoint["world_size"] == info.world_size:
+        states = checkpoint["rng"][info.rank]
+        torch.set_rng_state(states["cpu"])
+        if info.device.type == "cuda" and states["cuda"] is not None:
+            torch.cuda.set_rng_state(states["cuda"], info.device)
+        return
+    torch.manual_seed(seed_for_step(seed, step, info.rank))
+    logger.info(
+        f"the checkpoint was trained by {checkpoint['world_size']} process(es), now {info.world_size}: "
+        f"the data order continues as it was, random draws start anew from (--global-seed, step {step}, rank)"
+    )
 
 
 def parameters_are_finite(model: torch.nn.Module) -> bool:
@@ -366,7 +482,7 @@ class TrainState:
     def advance(self, steps_per_epoch: int) -> None:
         self.step += 1
         self.epoch_step += 1
-        if self.epoch_step == steps_per_epoch:  # the loader drops the last partial batch
+        if self.epoch_step == steps_per_epoch:  # the last partial global batch is dropped
             self.epoch, self.epoch_step = self.epoch + 1, 0
 
 
@@ -376,22 +492,75 @@ class Run:
 
     args: argparse.Namespace
     info: DistInfo
-    experiment_dir: str | None
     dataset_size: int
     model: DiT
     ema: DiT
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
+    experiment_dir: str | None = None  # rank 0's; made once the settings and weights are checked
+    tensorboard: SummaryWriter | None = None  # rank 0's, with --tensorboard
 
 
-def build_run(args: argparse.Namespace, info: DistInfo, experiment_dir: str | None, dataset_size: int) -> Run:
+def build_run(args: argparse.Namespace, info: DistInfo, dataset_size: int) -> Run:
     """A fresh model, its EMA copy (the reference initialises both alike), optimizer and loss scaler."""
     model = DiT_models[args.model](
-        input_size=args.image_size // 8, num_classes=args.num_classes, fused_attn=args.attention == "fused"
+        input_size=args.image_size // 8,
+        num_classes=args.num_classes,
+        class_dropout_prob=args.class_dropout_prob,
+        fused_attn=args.attention == "fused",
     ).to(info.device)
     ema = deepcopy(model).requires_grad_(False)
     optimizer = build_optimizer(model, args.lr)
-    return Run(args, info, experiment_dir, dataset_size, model, ema, optimizer, grad_scaler(args.precision, info.device))
+    return Run(args, info, dataset_size, model, ema, optimizer, grad_scaler(args.precision, info.device))
+
+
+def initial_weights(source: str) -> tuple[dict, dict]:
+    """(model weights, EMA weights) of a released name (downloaded if absent: its EMA weights are
+    both) or of a checkpoint file (a train.py checkpoint, or a bare state dict used for both)."""
+    try:
+        if source in PRETRAINED_MODELS:
+            weights = download_model(source)
+            return weights, weights
+        checkpoint = load_checkpoint(source)
+    except (FileNotFoundError, RuntimeError, ValueError) as error:  # one-sentence errors
+        raise SystemExit(str(error).replace("--ckpt PATH", "--init-from PATH")) from None
+    if isinstance(checkpoint, dict) and "model" in checkpoint and "ema" in checkpoint:
+        return checkpoint["model"], checkpoint["ema"]
+    return model_weights(checkpoint), model_weights(checkpoint)
+
+
+def fitted_initial_weights(run: Run, source: str) -> tuple[dict, dict, str | None]:
+    """The model and EMA weights of `source` checked against the model (exits on a mismatch), and
+    a note when the label table keeps its fresh initialisation: for another number of classes,
+    the other weights carry over, as in fine-tuning a classifier on new classes."""
+    model_state, ema_state = initial_weights(source)
+    table = "y_embedder.embedding_table.weight"
+    new_table, old_table = run.model.state_dict()[table], model_state.get(table)
+    relabel = old_table is not None and old_table.shape != new_table.shape and old_table.shape[1:] == new_table.shape[1:]
+    if relabel:
+        model_state, ema_state = {**model_state, table: new_table}, {**ema_state, table: run.ema.state_dict()[table]}
+    for module, weights in ((run.model, model_state), (run.ema, ema_state)):
+        try:
+            check_state_dict(module, weights, what=f"--init-from {source}")
+        except ValueError as error:
+            raise SystemExit(str(error)) from None
+    note = None
+    if relabel:
+        null = " + the null label" if run.model.y_embedder.dropout_prob > 0 else ""
+        note = (
+            f"the label table of {source} has {old_table.shape[0]} rows, this run needs {new_table.shape[0]} "
+            f"(--num-classes {run.args.num_classes}{null}): it starts from a new random initialisation"
+        )
+    return model_state, ema_state, note
+
+
+def init_from(run: Run, source: str, model_state: dict, ema_state: dict, note: str | None) -> None:
+    """Start from the weights to fine-tune (a new optimizer, at step 0)."""
+    run.model.load_state_dict(model_state, strict=True)
+    run.ema.load_state_dict(ema_state, strict=True)
+    logger.info(f"initialised the model and EMA weights from {source} (new optimizer, step 0)")
+    if note:
+        logger.info(note)
 
 
 def restore_run(run: Run, checkpoint: dict, path: str) -> TrainState:
@@ -404,7 +573,10 @@ def restore_run(run: Run, checkpoint: dict, path: str) -> TrainState:
     if run.scaler.is_enabled() and checkpoint.get("scaler"):  # the loss scale of an fp16 run
         run.scaler.load_state_dict(checkpoint["scaler"])
     step, epoch, epoch_step = checkpoint["step"], checkpoint["epoch"], checkpoint["epoch_step"]
-    logger.info(f"resuming from {path} at step {step} (epoch {epoch}, batch {epoch_step} of the epoch)")
+    logger.info(
+        f"resuming from {path} at step {step} (epoch {epoch}, batch {epoch_step} of the epoch), trained with "
+        f"{checkpoint['world_size']} process(es) x {checkpoint.get('grad_accum_steps', 1)} micro-batches"
+    )
     return TrainState(step, epoch, epoch_step, last_checkpoint=path, checked_step=step, saved_step=step)
 
 
@@ -419,6 +591,8 @@ def training_checkpoint(run: Run, state: TrainState, rng: list[dict]) -> dict:
         "epoch": state.epoch,
         "epoch_step": state.epoch_step,
         "world_size": run.info.world_size,
+        "grad_accum_steps": run.args.grad_accum_steps,  # the split of the global batch
+        "micro_batch_size": micro_batch_size(run.args, run.info.world_size),
         "dataset_size": run.dataset_size,
         "rng": rng,
         "scaler": run.scaler.state_dict(),  # {} unless fp16
@@ -472,11 +646,11 @@ class RunningStats:
         self.steps = 0
         self.start = time.time()
 
-    def add(
-        self, loss: torch.Tensor, skipped: torch.Tensor, skipped_step: torch.Tensor | None = None, grad_norm: torch.Tensor | None = None
-    ) -> None:
-        self.loss += loss
+    def add_skipped(self, skipped: torch.Tensor) -> None:
         self.skipped += skipped.sum()
+
+    def add(self, loss: torch.Tensor, skipped_step: torch.Tensor | None = None, grad_norm: torch.Tensor | None = None) -> None:
+        self.loss += loss
         if skipped_step is not None:
             self.skipped_steps += skipped_step
         if grad_norm is not None:
@@ -527,6 +701,10 @@ def log_metrics(run: Run, state: TrainState, stats: RunningStats) -> None:
     if run.info.is_main:
         with open(os.path.join(run.experiment_dir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
+    if run.tensorboard is not None:
+        for name, value in record.items():
+            if name != "step":
+                run.tensorboard.add_scalar(f"train/{name}", value, state.step)
 
 
 def save_samples(run: Run, vae: torch.nn.Module, step: int) -> None:
@@ -536,8 +714,11 @@ def save_samples(run: Run, vae: torch.nn.Module, step: int) -> None:
     path = os.path.join(run.experiment_dir, "samples", f"{step:07d}.png")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     args = run.args
-    save_grid(sample_images(run.ema, vae, args.sample_steps, args.num_classes, args.global_seed, args.precision), path)
+    samples = sample_images(run.ema, vae, args.sample_steps, args.num_classes, args.global_seed, args.precision)
+    save_grid(samples, path)
     logger.info(f"saved samples {path}")
+    if run.tensorboard is not None:  # the same grid as the PNG
+        run.tensorboard.add_image("samples", make_grid(samples, nrow=4, normalize=True, value_range=(-1, 1)), step)
 
 
 def batch_to_device(batch: list, vae: torch.nn.Module | None, using_features: bool, device: torch.device):
@@ -551,12 +732,28 @@ def batch_to_device(batch: list, vae: torch.nn.Module | None, using_features: bo
     return latents, labels.to(device, non_blocking=True), skipped
 
 
-def make_loader(dataset: Dataset, args: argparse.Namespace, info: DistInfo, per_rank_batch: int) -> tuple[EpochSampler, DataLoader]:
-    """This rank's loader over the shuffled epochs (see EpochSampler), in per-rank batches."""
+def micro_batch_size(args: argparse.Namespace, world_size: int) -> int:
+    """Images per process per backward pass: global batch = micro-batch x accumulation steps x processes."""
+    return args.global_batch_size // (world_size * args.grad_accum_steps)
+
+
+def next_micro_batches(
+    batches: Iterator, count: int, vae: torch.nn.Module | None, using_features: bool, device: torch.device, stats: RunningStats
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The next `count` loader batches as (latents, labels) on the device, made one at a time when
+    asked for (so one micro-batch's images are in memory at once); counts the unreadable images."""
+    for _ in range(count):
+        latents, labels, skipped = batch_to_device(next(batches), vae, using_features, device)
+        stats.add_skipped(skipped)
+        yield latents, labels
+
+
+def make_loader(dataset: Dataset, args: argparse.Namespace, info: DistInfo) -> tuple[EpochSampler, DataLoader]:
+    """This rank's loader over the shuffled epochs (see EpochSampler), in micro-batches."""
     sampler = EpochSampler(len(dataset), info.rank, info.world_size, args.global_seed)
     loader = DataLoader(
         dataset,
-        batch_size=per_rank_batch,
+        batch_size=micro_batch_size(args, info.world_size),
         sampler=sampler,
         num_workers=args.num_workers,
         pin_memory=info.device.type == "cuda",
@@ -586,28 +783,39 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def set_up(args: argparse.Namespace, info: DistInfo) -> tuple[Run, TrainState, Dataset, torch.nn.Module | None]:
-    """Check the settings, open the data (and the checkpoint to resume), make the experiment
-    folder and the logger, and build or restore what is trained."""
+    """Check the settings, open the data (and the checkpoint to resume or the weights to fine-tune),
+    build what is trained, make the experiment folder and the logger, then load the weights."""
     validate_args(args, info.world_size)
     args.precision, precision_note = setup_precision(args.precision, info.device)  # `auto` -> what it chose
     torch.manual_seed(args.global_seed * info.world_size + info.rank)
-    dataset = open_dataset(args, args.global_batch_size // info.world_size, info.world_size)
-    checkpoint, resume_path = open_resume_checkpoint(args, info.world_size, len(dataset))
+    dataset = open_dataset(args)
+    checkpoint, resume_path = open_resume_checkpoint(args, len(dataset))
     vae = open_vae(args, dataset, info.device)
 
-    experiment_dir = experiment_folder(args, resume_path, info.is_main)
-    create_logger(experiment_dir, info.rank)
-    logger.info(f"experiment folder {experiment_dir}; {info.world_size} process(es) on {info.device}; arguments {vars(args)}")
+    run = build_run(args, info, len(dataset))
+    fine_tune = args.init_from is not None and checkpoint is None
+    initial = fitted_initial_weights(run, args.init_from) if fine_tune else None
+
+    run.experiment_dir = experiment_folder(args, resume_path, info.is_main)
+    create_logger(run.experiment_dir, info.rank)
+    logger.info(f"experiment folder {run.experiment_dir}; {info.world_size} process(es) on {info.device}; arguments {vars(args)}")
     if precision_note:
         logger.info(precision_note)
     if args.resume == "auto" and resume_path is None:
         logger.info(f"--resume auto found no checkpoint of {args.model} in {args.results_dir}: starting a new run")
+    if args.init_from is not None and not fine_tune:
+        logger.info(f"resuming: --init-from {args.init_from} is not used")
 
-    run = build_run(args, info, experiment_dir, len(dataset))
+    if args.tensorboard and info.is_main:
+        from torch.utils.tensorboard import SummaryWriter  # an optional dependency
+
+        run.tensorboard = SummaryWriter(os.path.join(run.experiment_dir, "tensorboard"))
     state = TrainState()
+    if initial is not None:
+        init_from(run, args.init_from, *initial)
     if checkpoint is not None:
         state = restore_run(run, checkpoint, resume_path)
-        restore_rng_state(checkpoint["rng"], info.rank, info.device)  # after everything that draws numbers
+        restore_rng_state(checkpoint, state.step, info, args.global_seed)  # after everything that draws numbers
     return run, state, dataset, vae
 
 
@@ -619,25 +827,31 @@ def train(args: argparse.Namespace, info: DistInfo) -> None:
     logger.info(f"{args.model}: {sum(p.numel() for p in run.model.parameters()):,} parameters")
 
     per_rank_batch = args.global_batch_size // info.world_size
-    sampler, loader = make_loader(dataset, args, info, per_rank_batch)
-    steps_per_epoch = sampler.samples_per_rank // per_rank_batch
+    sampler, loader = make_loader(dataset, args, info)
+    # Whole global batches only, the same number whatever the processes (see EpochSampler).
+    steps_per_epoch = len(dataset) // args.global_batch_size
     using_features = args.feature_path is not None
     source = f"features in {args.feature_path}" if using_features else f"images in {args.data_path}"
-    logger.info(f"{len(dataset):,} {source}; {steps_per_epoch} steps per epoch")
+    logger.info(
+        f"{len(dataset):,} {source}; {steps_per_epoch} steps per epoch; global batch {args.global_batch_size} = "
+        f"{micro_batch_size(args, info.world_size)} images x {args.grad_accum_steps} micro-batches x {info.world_size} process(es)"
+    )
 
     max_steps = args.max_steps if args.max_steps is not None else float("inf")
     logger.info(f"training for {args.epochs} epochs" + (f" or {args.max_steps} steps" if args.max_steps else ""))
     stats = RunningStats(device)
     while state.epoch < args.epochs and state.step < max_steps:
         sampler.set_epoch(state.epoch, state.epoch_step * per_rank_batch)
-        for batch in loader:
-            latents, labels, skipped = batch_to_device(batch, vae, using_features, device)
+        batches = iter(loader)
+        for _ in range(steps_per_epoch - state.epoch_step):
+            micro_batches = next_micro_batches(batches, args.grad_accum_steps, vae, using_features, device, stats)
             with_grad_norm = (state.step + 1) % args.log_every == 0
-            loss, grad_norm, skipped_step = training_step(
-                train_model, diffusion, run.optimizer, latents, labels, args.precision, with_grad_norm, run.scaler
+            loss, grad_norm, skipped_step = accumulated_step(
+                train_model, diffusion, run.optimizer, micro_batches, args.grad_accum_steps,
+                args.precision, with_grad_norm, run.scaler,
             )
-            update_ema(ema, run.model, args.ema_decay)
-            stats.add(loss, skipped, skipped_step, grad_norm)
+            update_ema(ema, run.model, args.ema_decay)  # EMA, logs and checkpoints per optimizer step
+            stats.add(loss, skipped_step, grad_norm)
             state.advance(steps_per_epoch)
 
             if state.step % args.log_every == 0:
@@ -651,6 +865,8 @@ def train(args: argparse.Namespace, info: DistInfo) -> None:
 
     if state.saved_step != state.step:
         save_training_checkpoint(run, state, stats)
+    if run.tensorboard is not None:
+        run.tensorboard.close()
     logger.info(f"done after {state.step} steps")
 
 

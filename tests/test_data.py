@@ -8,7 +8,7 @@ from PIL import Image
 from torch.utils.data import DistributedSampler
 
 from conftest import make_image_folder
-from data import EpochSampler, FeatureDataset, ImageDataset, create_feature_store, feature_bytes_per_image
+from data import EpochSampler, FeatureDataset, ImageDataset, create_feature_store, feature_bytes_per_image, to_rgb
 from images import center_crop_arr
 
 
@@ -88,3 +88,69 @@ def test_documented_bytes_per_image():
     # README: 256 px images (32x32 latents) take 32 KiB per image in float16, 64 KiB in float32.
     assert feature_bytes_per_image(32, "float16") == 32 * 1024 + 9
     assert feature_bytes_per_image(32, "float32") == 64 * 1024 + 9
+
+
+def global_batches(size: int, world_size: int, global_batch: int, epoch: int, start_step: int = 0) -> list[list[int]]:
+    """The images of each optimizer step from start_step on, gathered over the ranks' shares as
+    train.py takes them (set_epoch(epoch, start_step x per-rank batch), whole global batches only)."""
+    per_rank = global_batch // world_size
+    steps = size // global_batch - start_step
+    shares = []
+    for rank in range(world_size):
+        sampler = EpochSampler(size, rank, world_size, seed=3)
+        sampler.set_epoch(epoch, start_step * per_rank)
+        shares.append([index for index, _ in sampler])
+    return [sorted(i for share in shares for i in share[k * per_rank : (k + 1) * per_rank]) for k in range(steps)]
+
+
+@pytest.mark.parametrize("size", [24, 30, 31])
+def test_global_batches_do_not_depend_on_the_world_size(size):
+    one = global_batches(size, 1, 8, epoch=2)
+    order = [index for index, _ in EpochSampler(size, 0, 1, seed=3).epoch_items(2)]
+    assert one == [sorted(order[k * 8 : (k + 1) * 8]) for k in range(size // 8)]
+    flat = [i for batch in one for i in batch]
+    assert len(set(flat)) == len(flat) == size // 8 * 8  # no image twice, only the last partial batch left out
+    for world_size in (2, 4, 8):
+        assert global_batches(size, world_size, 8, epoch=2) == one
+        # Resumed after step 1 on another number of processes: the remaining batches, unchanged.
+        assert global_batches(size, world_size, 8, epoch=2, start_step=1) == one[1:]
+
+
+def crop_of(image: Image.Image, size: int = 32) -> torch.Tensor:
+    """What ImageDataset should give for an RGB image: ADM's center crop, in [-1, 1]."""
+    return torch.from_numpy(np.asarray(center_crop_arr(image, size), dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
+
+
+def test_grayscale_16_bit_transparent_and_non_square_images(tmp_path):
+    rng = np.random.default_rng(0)
+    gray = rng.integers(0, 256, size=(40, 50), dtype=np.uint8)
+    rgba = rng.integers(0, 256, size=(48, 48, 4), dtype=np.uint8)
+    rgba[:, :24, 3] = 0  # the left half fully transparent (its stored colour must not show)
+    rgba[:, 24:, 3] = 255
+    Image.fromarray(gray).save(tmp_path / "a_gray.png")
+    Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / "b_gray16.png")  # 16-bit PNG
+    Image.fromarray(rgba).save(tmp_path / "c_rgba.png")
+    Image.fromarray(rng.integers(0, 256, size=(36, 100, 3), dtype=np.uint8)).save(tmp_path / "d_wide.jpg")
+    dataset = ImageDataset(str(tmp_path), 32)  # no class folders: one class
+
+    assert dataset.classes == [""] and [label for _, label in dataset.samples] == [0] * 4
+    as_rgb = Image.fromarray(np.repeat(gray[:, :, None], 3, axis=2))
+    for index in (0, 1):  # 8- and 16-bit grayscale give the same image, repeated over RGB
+        pixels, label, skipped = dataset[(index, 0)]
+        assert pixels.shape == (3, 32, 32) and (label, skipped) == (0, 0)
+        torch.testing.assert_close(pixels, crop_of(as_rgb), rtol=0, atol=1e-6)
+    on_white = rgba[:, :, :3].copy()
+    on_white[:, :24] = 255
+    torch.testing.assert_close(dataset.load(2), crop_of(Image.fromarray(on_white)), rtol=0, atol=1e-6)
+    wide = dataset.load(3)
+    assert wide.shape == (3, 32, 32)
+    torch.testing.assert_close(wide, crop_of(Image.open(tmp_path / "d_wide.jpg").convert("RGB")), rtol=0, atol=1e-6)
+
+
+def test_palette_transparency_is_laid_over_white():
+    image = Image.new("P", (4, 4), 0)
+    image.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)  # 0: red, 1: blue
+    image.putpixel((0, 0), 1)
+    image.info["transparency"] = 0  # red is transparent
+    pixels = np.asarray(to_rgb(image))
+    assert pixels[0, 0].tolist() == [0, 0, 255] and pixels[1, 1].tolist() == [255, 255, 255]
