@@ -64,7 +64,10 @@ def add_sampling_flags(parser: argparse.ArgumentParser, cfg_scale: float) -> Non
         "--ckpt", type=str, default=None,
         help="checkpoint to sample from: a file, a diffusers DiT folder or hf:OWNER/REPO; None: the released DiT-XL/2",
     )
-    parser.add_argument("--cfg-scale", type=float, default=cfg_scale, help="guidance scale s; 1 turns guidance off")
+    parser.add_argument(
+        "--cfg-scale", type=float, default=cfg_scale,
+        help="guidance scale s; 1 turns guidance off, as does a checkpoint without a null label (--class-dropout-prob 0)",
+    )
     parser.add_argument(
         "--cfg-all-eps-channels", action="store_true",
         help="guide all 4 noise channels (textbook CFG); by default only the first 3, as the original",

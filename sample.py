@@ -3,6 +3,7 @@
   python sample.py --cfg-scale 4.0                                   # released DiT-XL/2 256 -> sample.png
   python sample.py --model DiT-S/2 --ckpt results/000-DiT-S-2/checkpoints/0400000.pt --class-labels 1 2 3
   python sample.py --sampler dpm-solver++ --num-sampling-steps 25                # DPM-Solver++(2M), 25 steps
+  python sample.py --model DiT-S/2 --ckpt CKPT --num-classes 1 --class-labels 0 0 0 0 --cfg-scale 1  # unconditional
 
 With the same checkpoint, VAE, seed and flags it draws the same starting latent as the
 original sample.py on a GPU: the generator is re-seeded right before the latent is drawn.
@@ -22,7 +23,9 @@ from cli import (
 from distributed import default_device
 from images import save_grid
 from precision import setup_precision
-from sampling import SETUP_ERRORS, check_labels, compile_for_sampling, create_sampler, denoise, load_model
+from sampling import (
+    SETUP_ERRORS, check_labels, compile_for_sampling, create_sampler, denoise, guidance_scale, has_null_label, load_model,
+)
 from vae import decode, latent_size, load_vae
 
 DEFAULT_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]
@@ -71,6 +74,9 @@ def main(argv: list[str] | None = None) -> None:
         size = latent_size(args.image_size)
         diffusion = create_sampler(args.num_sampling_steps, args.sampler, args.timestep_spacing)
         model = load_model(args.model, args.image_size, args.num_classes, args.ckpt, device)
+        args.cfg_scale, message = guidance_scale(model, args.cfg_scale)
+        if message:
+            print(message, file=sys.stderr)
         if args.compile:
             compile_for_sampling(model)
         vae = load_vae(args.vae, device, args.vae_path)
@@ -82,8 +88,10 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     z = torch.randn(len(args.class_labels), 4, size, size, device=device)
     y = torch.tensor(args.class_labels, device=device)
+    # The original guides at every scale, 1 included; a model without a null label cannot be guided.
+    cfg_scale = args.cfg_scale if has_null_label(model) else None
     latents = denoise(
-        model, diffusion, z, y, args.cfg_scale, sampler=args.sampler, precision=precision,
+        model, diffusion, z, y, cfg_scale, sampler=args.sampler, precision=precision,
         all_eps_channels=args.cfg_all_eps_channels, progress=True,
     )
     save_grid(decode(vae, latents), args.out)

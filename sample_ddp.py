@@ -38,7 +38,7 @@ from cli import (
 )
 from models import DiT
 from precision import setup_precision
-from sampling import SETUP_ERRORS, compile_for_sampling, create_sampler, denoise, load_model
+from sampling import SETUP_ERRORS, compile_for_sampling, create_sampler, denoise, guidance_scale, load_model
 from solvers import Solver
 from vae import decode, latent_size, load_vae
 
@@ -240,6 +240,10 @@ def main(argv: list[str] | None = None) -> None:
             print(message, file=sys.stderr)
         diffusion = create_sampler(args.num_sampling_steps, args.sampler, args.timestep_spacing)
         model = load_model(args.model, args.image_size, args.num_classes, args.ckpt, info.device)
+        # The scale in effect goes into the recipe and the folder name: the pixels follow it.
+        args.cfg_scale, message = guidance_scale(model, args.cfg_scale)
+        if message and info.is_main:
+            print(message, file=sys.stderr)
         if args.compile:
             compile_for_sampling(model)
         vae = load_vae(args.vae, info.device, args.vae_path)

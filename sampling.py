@@ -1,12 +1,23 @@
-"""What sample.py and sample_ddp.py share: a DiT loaded for sampling, the sampler, the guided loop."""
+"""What sample.py and sample_ddp.py share: a DiT loaded for sampling, the sampler, the guided loop.
+
+Checkpoints without a null label (train.py --class-dropout-prob 0, e.g. unconditional training
+with --num-classes 1) have a label table of --num-classes rows instead of --num-classes + 1.
+load_model tells the two apart by that row count (and refuses a training checkpoint whose
+stored --num-classes differs from the one passed). Such a model cannot be guided: classifier-
+free guidance needs the null label's prediction (Section 3.1). So the scripts sample it without
+guidance whatever --cfg-scale says, and print one line saying so when --cfg-scale is not 1;
+refusing instead would make every command for such a checkpoint spell out --cfg-scale 1.
+"""
 from __future__ import annotations
 
 import functools
+import os
 from typing import Callable, Sequence
 
 import torch
 
 from diffusion import SpacedDiffusion, create_diffusion
+from checkpoint import load_checkpoint, model_weights
 from download import PRETRAINED_MODELS, find_model
 from models import DiT, DiT_models, check_state_dict
 from precision import autocast
@@ -17,6 +28,7 @@ from vae import latent_size
 SAMPLERS = ("ddpm", "ddim", *SOLVERS)
 # Bad input surfaces as one of these while a script sets up; scripts print it as one line.
 SETUP_ERRORS = (ValueError, OSError, RuntimeError)
+LABEL_TABLE = "y_embedder.embedding_table.weight"
 
 
 def check_labels(labels: Sequence[int], num_classes: int) -> None:
@@ -37,18 +49,55 @@ def default_checkpoint(model_name: str, image_size: int) -> str:
     return name
 
 
+def read_checkpoint(ckpt: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """The weights to sample with and the training flags stored with them ({} when there are none)."""
+    if ckpt in PRETRAINED_MODELS or not os.path.isfile(ckpt):
+        return find_model(ckpt), {}
+    checkpoint = load_checkpoint(ckpt)
+    saved_args = checkpoint.get("args") if isinstance(checkpoint, dict) else None
+    return model_weights(checkpoint), saved_args if isinstance(saved_args, dict) else {}
+
+
+def checkpoint_has_null_label(state_dict: dict[str, torch.Tensor], saved_args: dict, num_classes: int, ckpt: str) -> bool:
+    """Whether the label table has the null row: --num-classes + 1 rows with it, --num-classes
+    without. A label table of any other size is left to check_state_dict to report."""
+    saved_classes = saved_args.get("num_classes", num_classes)
+    if saved_classes != num_classes:  # else N classes + null and N + 1 classes look alike
+        raise ValueError(f"checkpoint {ckpt} was trained with --num-classes {saved_classes} (now {num_classes}); pass --num-classes {saved_classes}")
+    table = state_dict.get(LABEL_TABLE) if isinstance(state_dict, dict) else None
+    return not (isinstance(table, torch.Tensor) and table.ndim == 2 and table.shape[0] == num_classes)
+
+
+def has_null_label(model: DiT) -> bool:
+    """Whether the model has the null label that classifier-free guidance needs."""
+    return model.y_embedder.embedding_table.num_embeddings > model.num_classes
+
+
+def guidance_scale(model: DiT, cfg_scale: float) -> tuple[float, str | None]:
+    """The guidance scale the model can take, and a line to print when it is not `cfg_scale`:
+    a model without a null label samples unguided (scale 1)."""
+    if has_null_label(model) or cfg_scale == 1.0:
+        return cfg_scale, None
+    return 1.0, f"--cfg-scale {cfg_scale}: guidance is off because the checkpoint has no null label (trained with --class-dropout-prob 0)"
+
+
 def load_model(model_name: str, image_size: int, num_classes: int, ckpt: str | None, device: torch.device) -> DiT:
     """The DiT `model_name` with the weights of `ckpt` (default: the released one), in eval mode.
 
     The model is built on the meta device, so the weights are not initialised only to be
     overwritten; a checkpoint that does not fit fails naming the expected and found shapes.
+    It has a null label exactly when the checkpoint has one.
     """
     if model_name not in DiT_models:
         raise ValueError(f"unknown model {model_name!r}; choose one of {', '.join(DiT_models)}")
+    build = functools.partial(DiT_models[model_name], input_size=latent_size(image_size), num_classes=num_classes)
     with torch.device("meta"):
-        model = DiT_models[model_name](input_size=latent_size(image_size), num_classes=num_classes)
+        model = build()  # a size that cannot work fails here, before a checkpoint is read or downloaded
     ckpt = ckpt or default_checkpoint(model_name, image_size)
-    state_dict = find_model(ckpt)
+    state_dict, saved_args = read_checkpoint(ckpt)
+    if not checkpoint_has_null_label(state_dict, saved_args, num_classes, ckpt):
+        with torch.device("meta"):
+            model = build(class_dropout_prob=0.0)  # no label is dropped, so there is no null row
     check_state_dict(
         model, state_dict, what=f"checkpoint {ckpt} (for {model_name}, --image-size {image_size}, --num-classes {num_classes})"
     )
@@ -110,6 +159,8 @@ def denoise(
     """
     if cfg_scale is None:
         x, labels, forward = z, y, model.forward
+    elif not has_null_label(model):
+        raise ValueError("this model has no null label (trained with --class-dropout-prob 0), so it cannot be guided; pass cfg_scale None")
     else:
         x = torch.cat([z, z])
         labels = torch.cat([y, torch.full_like(y, model.num_classes)])
