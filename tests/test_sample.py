@@ -16,7 +16,7 @@ import sample
 from diffusion import create_diffusion
 from models import DiT, DiT_models
 from precision import configure_precision
-from sampling import create_sampler, denoise
+from sampling import LABEL_TABLE, create_sampler, denoise
 from vae import load_vae
 
 STEPS = 5
@@ -234,3 +234,72 @@ def test_a_one_class_checkpoint_samples_with_num_classes_1(tiny_vae_dir, tmp_pat
     assert grid.std() > 5
     with pytest.raises(SystemExit, match=r"class labels must lie in \[0, 0\] for --num-classes 1, got \[1\]"):
         sample.main(tiny_args(ckpts, tiny_vae_dir, tmp_path / "other.png", "--class-labels", "0", "1"))
+
+
+# ---------------------------------------------------------------- checkpoints without a null label
+
+def unconditional_checkpoints(folder) -> dict:
+    """DiT-S/8 weights as train.py --num-classes 1 --class-dropout-prob 0 saves them: a label
+    table of one row and no null label, as a training checkpoint (with the flags train.py
+    stores) and as a bare state dict."""
+    ema = make_tiny_dit(num_classes=1)
+    ema[LABEL_TABLE] = ema[LABEL_TABLE][:1].clone()  # the null row dropped
+    DiT_models["DiT-S/8"](input_size=8, num_classes=1, class_dropout_prob=0).load_state_dict(ema)  # the layout train.py makes
+    args = {"model": "DiT-S/8", "image_size": 64, "num_classes": 1, "class_dropout_prob": 0.0}
+    training, bare = folder / "0000010.pt", folder / "bare.pt"
+    torch.save({"model": ema, "ema": ema, "args": args}, training)
+    torch.save(ema, bare)
+    return {"training": training, "bare": bare, "model": "DiT-S/8", "image_size": 64, "num_classes": 1}
+
+
+def test_a_checkpoint_without_null_label_samples_unguided(tiny_vae_dir, tmp_path, capsys):
+    """Guidance is off whatever --cfg-scale says, with one line when it asked for guidance; the
+    grid is the plain reverse process of the model without a null label."""
+    ckpts = unconditional_checkpoints(tmp_path)
+    labels = ("--class-labels", "0", "0", "0")
+    asked = run_in_process(ckpts, tiny_vae_dir, tmp_path / "asked.png", *labels)  # default --cfg-scale 4.0
+    lines = [line for line in capsys.readouterr().err.splitlines() if "guidance is off" in line]
+    assert lines == ["--cfg-scale 4.0: guidance is off because the checkpoint has no null label (trained with --class-dropout-prob 0)"]
+    unguided = run_in_process(ckpts, tiny_vae_dir, tmp_path / "unguided.png", *labels, "--cfg-scale", "1")
+    assert "guidance is off" not in capsys.readouterr().err
+    bare = run_in_process(dict(ckpts, training=ckpts["bare"]), tiny_vae_dir, tmp_path / "bare.png", *labels)
+    np.testing.assert_array_equal(asked, unguided)
+    np.testing.assert_array_equal(bare, unguided)  # told apart by the table's rows alone
+
+    model = DiT_models["DiT-S/8"](input_size=8, num_classes=1, class_dropout_prob=0)
+    model.load_state_dict(torch.load(ckpts["bare"], weights_only=True))
+    model.eval()
+    torch.manual_seed(0)
+    z = torch.randn(3, 4, 8, 8)
+    with torch.no_grad():
+        samples = create_diffusion(str(STEPS)).p_sample_loop(model, z.shape, z, clip_denoised=False, model_kwargs=dict(y=torch.zeros(3, dtype=torch.long)))
+        images = load_vae("mse", torch.device("cpu"), str(tiny_vae_dir)).decode(samples / 0.18215).sample
+    save_image(images, tmp_path / "expected.png", nrow=4, normalize=True, value_range=(-1, 1))
+    assert np.abs(unguided - pixels(tmp_path / "expected.png")).max() <= 1
+    assert unguided.std() > 5, "a blank grid"
+
+
+@pytest.mark.parametrize(
+    "which, extra, message",
+    [
+        ("training", ["--class-labels", "0", "1"], "class labels must lie in [0, 0] for --num-classes 1, got [1]"),
+        ("training", ["--num-classes", "2"], "was trained with --num-classes 1 (now 2); pass --num-classes 1"),
+        ("bare", ["--num-classes", "2"], "y_embedder.embedding_table.weight expected (3, 384) found (1, 384)"),
+    ],
+)
+def test_labels_and_class_counts_a_checkpoint_without_null_label_cannot_take(tiny_vae_dir, tmp_path, which, extra, message):
+    ckpts = unconditional_checkpoints(tmp_path)
+    out = tmp_path / "grid.png"
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main(tiny_args(dict(ckpts, training=ckpts[which]), tiny_vae_dir, out, "--class-labels", "0", *extra))
+    text = str(exit_info.value.code)
+    assert text.startswith("sample.py: error: ") and "\n" not in text
+    assert message in text
+    assert not out.exists()
+
+
+def test_denoise_refuses_to_guide_a_model_without_null_label():
+    """The library call too fails in a sentence, before the null label reaches the label table."""
+    model = DiT_models["DiT-S/8"](input_size=8, num_classes=1, class_dropout_prob=0).eval()
+    with pytest.raises(ValueError, match="no null label .* cannot be guided"):
+        denoise(model, create_sampler(2, "ddpm"), torch.randn(1, 4, 8, 8), torch.zeros(1, dtype=torch.long), cfg_scale=4.0)

@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import REPO
 from PIL import Image
+from test_sample import unconditional_checkpoints
 
 import sample_ddp
 from models import DiT_models
@@ -33,11 +34,12 @@ def ddp_args(ckpts: dict, vae_dir, sample_dir, per_proc_batch_size: int, *extra:
     ]
 
 
-def run(launcher: list[str], args: list[str]) -> None:
+def run(launcher: list[str], args: list[str]) -> subprocess.CompletedProcess:
     # The thread count decides float rounding on a CPU: every run here uses one thread.
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run([*launcher, str(REPO / "sample_ddp.py"), *args], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
+    return result
 
 
 def set_paths(sample_dir) -> tuple[str, str]:
@@ -233,3 +235,29 @@ def test_read_only_sample_dir_is_refused_before_loading(tiny_dit_ckpts, tiny_vae
         f"sample_ddp.py: error: --sample-dir {read_only / 'samples'} cannot be written: {read_only} is not writable"
     )
     assert os.listdir(read_only) == []
+
+
+def test_a_checkpoint_without_null_label_gives_one_unguided_set(tiny_vae_dir, tmp_path):
+    """train.py --num-classes 1 --class-dropout-prob 0 weights: sampled unguided, with one line
+    (from rank 0 only) when --cfg-scale asked for guidance; the recipe and the folder name
+    record the scale in effect, 1, so the set is the same file for any process count and
+    --cfg-scale, and a folder of it is resumed whatever --cfg-scale is passed."""
+    ckpts = unconditional_checkpoints(tmp_path)
+    one = run([sys.executable], ddp_args(ckpts, tiny_vae_dir, tmp_path / "one", 5, "--cfg-scale", "1"))
+    assert "guidance is off" not in one.stderr
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    two = run(launcher, ddp_args(ckpts, tiny_vae_dir, tmp_path / "two", 3))  # default --cfg-scale 1.5
+    assert two.stderr.count("--cfg-scale 1.5: guidance is off because the checkpoint has no null label") == 1
+    folder, npz = set_paths(tmp_path / "one")
+    assert os.path.basename(folder) == f"DiT-S-8-0000010-size-64-vae-{tiny_vae_dir.name}-cfg-1.0-seed-0"
+    assert os.path.basename(set_paths(tmp_path / "two")[0]) == os.path.basename(folder)
+    with open(npz, "rb") as mine, open(set_paths(tmp_path / "two")[1], "rb") as other:
+        assert mine.read() == other.read()
+    arr = np.load(npz)["arr_0"]
+    assert arr.shape == (NUM_IMAGES, 64, 64, 3) and len({image.tobytes() for image in arr}) == NUM_IMAGES
+    with open(os.path.join(folder, sample_ddp.SETTINGS_FILE)) as f:
+        assert json.load(f)["cfg_scale"] == 1.0
+
+    kept = {name: os.stat(os.path.join(folder, name)).st_mtime_ns for name in os.listdir(folder) if name.endswith(".png")}
+    run([sys.executable], ddp_args(ckpts, tiny_vae_dir, tmp_path / "one", 5, "--cfg-scale", "4"))
+    assert {name: os.stat(os.path.join(folder, name)).st_mtime_ns for name in kept} == kept, "valid PNGs were sampled again"
