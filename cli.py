@@ -25,7 +25,7 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
         "--image-size", type=int, default=256,
         help="image side in pixels: a multiple of 8 (the VAE's downsampling) whose latent the patch size divides",
     )
-    parser.add_argument("--num-classes", type=int, default=1000, help="class labels 0..N-1 (the null label N is added)")
+    parser.add_argument("--num-classes", type=int, default=1000, help="class labels 0..N-1 (plus the null label N for guidance, unless trained with --class-dropout-prob 0)")
 
 
 def add_data_flags(parser: argparse.ArgumentParser, required: bool) -> None:
