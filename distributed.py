@@ -47,8 +47,10 @@ def setup_distributed() -> DistInfo:
 
 
 def cleanup_distributed() -> None:
+    global _cpu_group
     if dist.is_initialized():
-        dist.destroy_process_group()
+        dist.destroy_process_group()  # destroys any_rank's gloo group too
+    _cpu_group = None
 
 
 def barrier() -> None:
@@ -81,3 +83,22 @@ def create_logger(log_dir: str | None, rank: int) -> logging.Logger:
         handler.setFormatter(formatter)
         logger.addHandler(handler)
     return logger
+
+
+_cpu_group: dist.ProcessGroup | None = None
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether `flag` is true on any process: a collective, so every rank calls it at the same point.
+
+    It runs on the CPU (a gloo group beside nccl on GPUs), so checking it every step costs no
+    wait for the device.
+    """
+    global _cpu_group
+    if not dist.is_initialized():
+        return flag
+    if _cpu_group is None:
+        _cpu_group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    value = torch.tensor([int(flag)], dtype=torch.int32)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_cpu_group)
+    return bool(value.item())

@@ -1,0 +1,53 @@
+"""Stop requests from a cluster scheduler, turned into a clean stop at a step boundary.
+
+SIGTERM is what preemption and `scancel` send (SLURM sends SIGKILL after KillWait, 30 s by
+default); SIGUSR1 is what `sbatch --signal=USR1@120` sends ahead of the time limit. While a
+`StopRequest` is active these signals only set a flag; the training loop checks it after each
+step (agreeing over ranks with `distributed.any_rank`), saves a checkpoint and exits.
+
+torchrun forwards SIGTERM to its workers (and waits --shutdown-timeout, 30 s, before SIGKILL);
+it forwards SIGUSR1 only with `--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1`.
+"""
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StopRequest:
+    """Context manager that catches STOP_SIGNALS; `requested` says whether one arrived.
+
+    Data-loader workers forked inside it inherit the handler, so a signal sent to the whole
+    process group does not kill them under the training loop.
+    """
+
+    def __init__(self, signals: tuple[signal.Signals, ...] = STOP_SIGNALS):
+        self.signals = signals
+        self.received: signal.Signals | None = None
+        self.previous: dict[signal.Signals, object] = {}
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
+            for sig in self.signals:
+                self.previous[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous.clear()
+
+    def handle(self, signum: int, frame: FrameType | None) -> None:
+        self.received = signal.Signals(signum)
+
+    @property
+    def requested(self) -> bool:
+        return self.received is not None
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal number, as a shell reports a process the signal ended (143 for SIGTERM)."""
+        return 128 + int(self.received) if self.received is not None else 0
