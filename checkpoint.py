@@ -19,6 +19,7 @@ NOT_WRITABLE_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)
 # What torch.save raises when the disk fills up under it (its writer checks the bytes written).
 TORCH_SHORT_WRITE_MARKERS = ("unexpected pos", "file write failed")
 RUN_NUMBER = re.compile(r"^(\d+)-")
+CHECKPOINT_NAME = re.compile(r"(\d+)\.pt")
 
 
 class WriteError(OSError):
@@ -128,6 +129,36 @@ def create_run_dir(results_dir: str, name: str) -> str:
         if message:
             raise WriteError(error.errno, message) from error
         raise
+
+
+def output_folder_problem(path: str, flag: str) -> str | None:
+    """One sentence when `path` cannot become or hold an output folder (a file is in the way, or
+    the folder or its nearest existing parent is read-only); None when it can."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        return f"{flag} {path} is a file, not a folder"
+    folder = os.path.abspath(path)
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        return f"{flag} {path} cannot be made: {folder} is a file, not a folder"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"{flag} {path} is not writable ({folder} is read-only or lacks write permission)"
+    return None
+
+
+def checkpoints_newest_first(results_dir: str, name: str) -> list[str]:
+    """The checkpoints (checkpoints/<step>.pt) of every run results_dir/NNN-<name>, the newest
+    run first and, within a run, the highest step first."""
+    runs = []
+    if os.path.isdir(results_dir):
+        runs = [(int(m.group(1)), entry) for entry in os.listdir(results_dir) if (m := re.fullmatch(rf"(\d+)-{re.escape(name)}", entry))]
+    paths = []
+    for _, run in sorted(runs, reverse=True):
+        folder = os.path.join(results_dir, run, "checkpoints")
+        entries = os.listdir(folder) if os.path.isdir(folder) else []
+        steps = [(int(m.group(1)), entry) for entry in entries if (m := CHECKPOINT_NAME.fullmatch(entry))]
+        paths += [os.path.join(folder, entry) for _, entry in sorted(steps, reverse=True)]
+    return paths
 
 
 def remove_stale_temporaries(folder: str) -> list[str]:

@@ -34,7 +34,7 @@ from data import (
     read_feature_meta,
     vae_encoder_fingerprint,
 )
-from checkpoint import write_error_message
+from checkpoint import output_folder_problem, write_error_message
 from distributed import any_rank, barrier, cleanup_distributed, create_logger, setup_distributed
 from vae import HUB_VAES, latent_size, load_vae
 
@@ -182,8 +182,9 @@ def validate_args(args: argparse.Namespace) -> None:
         raise SystemExit(f"--batch-size must be at least 1, not {args.batch_size}")
     if args.num_workers < 0:
         raise SystemExit(f"--num-workers must be 0 or more, not {args.num_workers}")
-    if os.path.exists(args.feature_path) and not os.path.isdir(args.feature_path):
-        raise SystemExit(f"--feature-path {args.feature_path} is a file, not a folder")
+    problem = output_folder_problem(args.feature_path, "--feature-path")
+    if problem:
+        raise SystemExit(problem)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,9 +19,11 @@ import torch
 import checkpoint
 from checkpoint import (
     WriteError,
+    checkpoints_newest_first,
     create_run_dir,
     load_checkpoint,
     load_newest_good_checkpoint,
+    output_folder_problem,
     remove_stale_temporaries,
     save_checkpoint,
     trim_metrics,
@@ -96,6 +98,32 @@ def test_run_folder_in_a_read_only_results_dir_is_one_sentence(tmp_path):
         make_read_only(fs)
         with pytest.raises(WriteError, match=r"^cannot create a run folder in .*fs/results: the folder is read-only or not writable \(.+\)$"):
             create_run_dir(str(fs / "results"), "DiT-S-8")
+
+
+def test_output_folders_that_cannot_work_are_one_sentence(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    assert output_folder_problem(str(tmp_path / "a_file"), "--results-dir") == f"--results-dir {tmp_path}/a_file is a file, not a folder"
+    assert output_folder_problem(str(tmp_path / "a_file" / "x"), "--results-dir") == (
+        f"--results-dir {tmp_path}/a_file/x cannot be made: {tmp_path}/a_file is a file, not a folder"
+    )
+    assert output_folder_problem(str(tmp_path / "new" / "deeper"), "--results-dir") is None
+    with tmpfs(tmp_path / "fs", "1m") as fs:
+        make_read_only(fs)
+        assert output_folder_problem(str(fs / "results"), "--results-dir") == (
+            f"--results-dir {fs}/results is not writable ({fs} is read-only or lacks write permission)"
+        )
+
+
+def test_checkpoints_are_listed_newest_run_and_step_first(tmp_path):
+    for run, steps in {"000-DiT-S-8": [5, 10], "002-DiT-S-8": [3], "010-DiT-S-8": [], "011-DiT-B-4": [50]}.items():
+        (tmp_path / run / "checkpoints").mkdir(parents=True)
+        for step in steps:
+            (tmp_path / run / "checkpoints" / f"{step:07d}.pt").write_bytes(b"")
+    (tmp_path / "002-DiT-S-8" / "checkpoints" / ".tmp-abc.pt").write_bytes(b"")
+    (tmp_path / "002-DiT-S-8" / "checkpoints" / "0000004.pt.bak").write_bytes(b"")
+    names = [os.path.relpath(p, tmp_path) for p in checkpoints_newest_first(str(tmp_path), "DiT-S-8")]
+    assert names == ["002-DiT-S-8/checkpoints/0000003.pt", "000-DiT-S-8/checkpoints/0000010.pt", "000-DiT-S-8/checkpoints/0000005.pt"]
+    assert checkpoints_newest_first(str(tmp_path / "missing"), "DiT-S-8") == []
 
 
 # ----------------------------------------------------------------------------------------

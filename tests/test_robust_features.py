@@ -77,9 +77,13 @@ def test_sparse_stores_get_their_blocks_reserved(tmp_path):
     assert not np.array(open_feature_arrays(str(tmp_path))["mean"]).any()  # still zeros
 
 
-def test_a_read_only_feature_folder_is_one_sentence(tmp_path, image_folder, tiny_vae_dir):
+def test_a_read_only_feature_folder_is_one_sentence(tmp_path, image_folder, tiny_vae_dir, monkeypatch):
     with tmpfs(tmp_path / "fs", "1m") as fs:
         make_read_only(fs)
+        with pytest.raises(SystemExit, match=rf"^--feature-path {fs}/features is not writable \({fs} is read-only or lacks write permission\)$"):
+            extract_features.main(extract_args(image_folder, tiny_vae_dir, fs / "features"))
+        # Should the folder turn read-only after the check, creating the store fails with one sentence too.
+        monkeypatch.setattr(extract_features, "validate_args", lambda args: None)
         with pytest.raises(SystemExit, match=rf"^cannot create the feature folder {fs}/features: the folder is read-only or not writable \(.+\)$"):
             extract_features.main(extract_args(image_folder, tiny_vae_dir, fs / "features"))
 
