@@ -88,17 +88,22 @@ def create_logger(log_dir: str | None, rank: int) -> logging.Logger:
 _cpu_group: dist.ProcessGroup | None = None
 
 
-def any_rank(flag: bool) -> bool:
-    """Whether `flag` is true on any process: a collective, so every rank calls it at the same point.
+def max_over_ranks(value: int) -> int:
+    """The largest of every process's `value`: a collective, so every rank calls it at the same point.
 
-    It runs on the CPU (a gloo group beside nccl on GPUs), so checking it every step costs no
+    It runs on the CPU (a gloo group beside nccl on GPUs), so calling it every step costs no
     wait for the device.
     """
     global _cpu_group
     if not dist.is_initialized():
-        return flag
+        return value
     if _cpu_group is None:
         _cpu_group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
-    value = torch.tensor([int(flag)], dtype=torch.int32)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_cpu_group)
-    return bool(value.item())
+    tensor = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=_cpu_group)
+    return int(tensor.item())
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether `flag` is true on any process (a collective, like max_over_ranks)."""
+    return max_over_ranks(int(flag)) > 0

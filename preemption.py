@@ -3,7 +3,7 @@
 SIGTERM is what preemption and `scancel` send (SLURM sends SIGKILL after KillWait, 30 s by
 default); SIGUSR1 is what `sbatch --signal=USR1@120` sends ahead of the time limit. While a
 `StopRequest` is active these signals only set a flag; the training loop checks it after each
-step (agreeing over ranks with `distributed.any_rank`), saves a checkpoint and exits.
+step (agreeing over ranks with `distributed.max_over_ranks`), saves a checkpoint and exits.
 
 torchrun forwards SIGTERM to its workers (and waits --shutdown-timeout, 30 s, before SIGKILL);
 it forwards SIGUSR1 only with `--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1`.
@@ -48,6 +48,11 @@ class StopRequest:
         return self.received is not None
 
     @property
-    def exit_code(self) -> int:
-        """128 + the signal number, as a shell reports a process the signal ended (143 for SIGTERM)."""
-        return 128 + int(self.received) if self.received is not None else 0
+    def signal_number(self) -> int:
+        """The number of the signal received, 0 if none (to agree over ranks with max_over_ranks)."""
+        return int(self.received) if self.received is not None else 0
+
+
+def exit_code(signal_number: int) -> int:
+    """128 + the signal number, as a shell reports a process the signal ended (143 for SIGTERM)."""
+    return 128 + signal_number

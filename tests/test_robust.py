@@ -29,7 +29,7 @@ from checkpoint import (
     trim_metrics,
 )
 from conftest import REPO
-from preemption import StopRequest
+from preemption import StopRequest, exit_code
 
 # ----------------------------------------------------------------------------------------
 # Small real file systems: a full disk and a read-only one (tmpfs; needs root)
@@ -258,26 +258,26 @@ def test_metrics_keep_one_record_per_step_up_to_the_resumed_step(tmp_path):
 def test_stop_signals_set_a_flag_instead_of_killing(sig, code):
     before = signal.getsignal(sig)
     with StopRequest() as stop:
-        assert not stop.requested and stop.exit_code == 0
+        assert not stop.requested and stop.signal_number == 0
         os.kill(os.getpid(), sig)
-        assert stop.requested and stop.received == sig and stop.exit_code == code
+        assert stop.requested and stop.received == sig and exit_code(stop.signal_number) == code
     assert signal.getsignal(sig) is before
 
 
 ANY_RANK_SCRIPT = textwrap.dedent(
     """
     import sys
-    from distributed import any_rank, cleanup_distributed, setup_distributed
+    from distributed import any_rank, cleanup_distributed, max_over_ranks, setup_distributed
 
     info = setup_distributed()
     results = [any_rank(False), any_rank(info.rank == 1), any_rank(info.rank == 0), any_rank(True)]
-    print(f"rank {info.rank}: {results}")
+    print(f"rank {info.rank}: {results} {max_over_ranks(10 * info.rank)} {max_over_ranks(15 - 5 * info.rank)}")
     cleanup_distributed()
     """
 )
 
 
-def test_any_rank_agrees_over_two_gloo_processes(tmp_path):
+def test_any_rank_and_max_over_ranks_agree_over_two_gloo_processes(tmp_path):
     script = tmp_path / "any_rank_check.py"
     script.write_text(ANY_RANK_SCRIPT)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
@@ -287,4 +287,4 @@ def test_any_rank_agrees_over_two_gloo_processes(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     for rank in (0, 1):
-        assert f"rank {rank}: [False, True, True, True]" in result.stdout
+        assert f"rank {rank}: [False, True, True, True] 10 15" in result.stdout
