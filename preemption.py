@@ -20,8 +20,8 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 class StopRequest:
     """Context manager that catches STOP_SIGNALS; `requested` says whether one arrived.
 
-    Data-loader workers forked inside it inherit the handler, so a signal sent to the whole
-    process group does not kill them under the training loop.
+    Data-loader workers need `ignore_stop_signals` as their worker_init_fn: torch resets their
+    SIGTERM handler, and a scheduler signals every process of the job.
     """
 
     def __init__(self, signals: tuple[signal.Signals, ...] = STOP_SIGNALS):
@@ -56,3 +56,15 @@ class StopRequest:
 def exit_code(signal_number: int) -> int:
     """128 + the signal number, as a shell reports a process the signal ended (143 for SIGTERM)."""
     return 128 + signal_number
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader worker_init_fn: a loader worker ignores STOP_SIGNALS.
+
+    A scheduler signals every process of the job; a worker killed by it makes the training
+    process fail mid-step ("DataLoader worker is killed by signal"). The training process
+    instead stops at the end of the step and shuts its workers down (they also exit by
+    themselves when it dies).
+    """
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
