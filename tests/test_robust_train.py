@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -123,7 +124,7 @@ def three_checkpoints(tmp_path_factory, image_folder, tiny_vae_dir) -> Path:
 
 def test_resume_auto_skips_a_truncated_newest_checkpoint_and_cleans_up(tmp_path, three_checkpoints, image_folder, tiny_vae_dir, caplog):
     results = tmp_path / "results"
-    os.system(f"cp -a {three_checkpoints} {results}")
+    shutil.copytree(three_checkpoints, results)
     experiment = results / "000-DiT-S-8"
     newest = experiment / "checkpoints" / "0000006.pt"
     newest.write_bytes(newest.read_bytes()[:5000])  # killed mid-copy, or a disk error
@@ -248,7 +249,7 @@ def test_resume_with_other_data_or_ema_decay_is_refused(tmp_path, three_checkpoi
 
 def test_resume_with_another_lr_continues_and_says_so(tmp_path, three_checkpoints, image_folder, tiny_vae_dir):
     results = tmp_path / "results"
-    os.system(f"cp -a {three_checkpoints} {results}")
+    shutil.copytree(three_checkpoints, results)
     train.main(train_args(image_folder, tiny_vae_dir, results, "--resume", "auto", "--max-steps", "7", "--log-every", "1", "--lr", "5e-5"))
     experiment = results / "000-DiT-S-8"
     assert "--lr changed from 0.0001 (the checkpoint's) to 5e-05: continuing with 5e-05" in (experiment / "log.txt").read_text()
