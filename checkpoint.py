@@ -102,6 +102,18 @@ def model_weights(checkpoint: dict) -> dict:
     return checkpoint["ema"] if isinstance(checkpoint, dict) and "ema" in checkpoint else checkpoint
 
 
+def missing_entries(checkpoint: Any, keys: tuple[str, ...]) -> list[str]:
+    """The entries of `keys` that a loaded checkpoint lacks (all of them if it is not a dict)."""
+    return [key for key in keys if not isinstance(checkpoint, dict) or key not in checkpoint]
+
+
+def setting_differences(saved: dict, current: dict, keys: tuple[str, ...]) -> list[str]:
+    """'--flag saved (now current)' for each setting of `keys` that differs between the two."""
+    return [
+        f"--{key.replace('_', '-')} {saved.get(key)} (now {current.get(key)})" for key in keys if saved.get(key) != current.get(key)
+    ]
+
+
 # ----------------------------------------------------------------------------------------
 # Run folders and recovery after a crash
 # ----------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ the original scripts' own and are passed in by each script.
 from __future__ import annotations
 
 import argparse
+import math
 
 from models import DiT_models
 from precision import PRECISIONS
@@ -48,12 +49,38 @@ def add_compile_flag(parser: argparse.ArgumentParser) -> None:
 def add_sampling_flags(parser: argparse.ArgumentParser, cfg_scale: float) -> None:
     """The checkpoint, the sampler and classifier-free guidance (paper Section 3.1)."""
     from sampling import SAMPLERS
+    from solvers import DEFAULT_SPACING, TIMESTEP_SPACINGS
 
-    parser.add_argument("--ckpt", type=str, default=None, help="checkpoint to sample from (default: the released DiT-XL/2)")
+    parser.add_argument(
+        "--ckpt", type=str, default=None,
+        help="checkpoint to sample from: a file, a diffusers DiT folder or hf:OWNER/REPO; None: the released DiT-XL/2",
+    )
     parser.add_argument("--cfg-scale", type=float, default=cfg_scale, help="guidance scale s; 1 turns guidance off")
     parser.add_argument(
         "--cfg-all-eps-channels", action="store_true",
         help="guide all 4 noise channels (textbook CFG); by default only the first 3, as the original",
     )
-    parser.add_argument("--num-sampling-steps", type=int, default=250)
-    parser.add_argument("--sampler", type=str, choices=SAMPLERS, default="ddpm", help="ddim: eta 0, steps at an integer stride")
+    parser.add_argument(
+        "--num-sampling-steps", type=int, default=250,
+        help="sampler steps, 1 to 1000 (model calls: x2 with guidance; heun takes 2 per step but the last)",
+    )
+    parser.add_argument(
+        "--sampler", type=str, choices=SAMPLERS, default="ddpm",
+        help="ddpm: the reference's ancestral sampler; ddim: eta 0, steps at an integer stride; the others are "
+        "diffusers' solvers (solvers.py): dpm-solver++ (2M), dpm-solver++-sde (2M SDE), unipc, euler, heun",
+    )
+    parser.add_argument(
+        "--timestep-spacing", type=str, choices=TIMESTEP_SPACINGS, default=DEFAULT_SPACING,
+        help="where diffusers' solvers place their steps (their timestep_spacing option; karras: use_karras_sigmas); "
+        "ddpm and ddim ignore it",
+    )
+
+
+def check_sampling_flags(args: argparse.Namespace) -> None:
+    """One sentence for a sampling flag that cannot work, before anything is loaded."""
+    if not math.isfinite(args.cfg_scale):
+        raise ValueError(f"--cfg-scale must be a finite number, got {args.cfg_scale}")
+    if not 1 <= args.num_sampling_steps <= 1000:
+        raise ValueError(f"--num-sampling-steps must lie in [1, 1000] (the training steps), got {args.num_sampling_steps}")
+    if args.num_classes < 1:
+        raise ValueError(f"--num-classes must be at least 1, got {args.num_classes}")

@@ -66,6 +66,31 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def all_gather_objects(obj: object) -> list:
+    """Every process's picklable `obj`, in rank order ([obj] in a single process)."""
+    if not dist.is_initialized():
+        return [obj]
+    objects: list = [None] * dist.get_world_size()
+    dist.all_gather_object(objects, obj)
+    return objects
+
+
+def gather_from_all(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate a same-shaped tensor from every process (the tensor itself in one process)."""
+    if not dist.is_initialized():
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor)
+    return torch.cat(parts)
+
+
+def rng_states_of_all_ranks(device: torch.device) -> list[dict]:
+    """Every process's torch RNG states (CPU, and CUDA on a GPU), in rank order."""
+    return all_gather_objects(
+        {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+    )
+
+
 def create_logger(log_dir: str | None, rank: int) -> logging.Logger:
     """Rank 0 logs to stdout and, when log_dir is given, to log_dir/log.txt; other ranks are silent."""
     logger = logging.getLogger("dit")

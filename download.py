@@ -1,13 +1,23 @@
-"""Checkpoints to sample from: `find_model(name_or_path)` returns a DiT state dict.
+"""Checkpoints to sample from: `find_model(name_or_path)` returns a DiT state dict in the
+official key layout.
 
-The two released DiT-XL/2 checkpoints are downloaded once into pretrained_models/ from
-https://dl.fbaipublicfiles.com/DiT/models/ (set DIT_DOWNLOAD_URL to a mirror's base
-address to fetch them from there). Any other argument is a local checkpoint file.
+- DiT-XL-2-256x256.pt, DiT-XL-2-512x512.pt: the released checkpoints, downloaded once into
+  pretrained_models/ from https://dl.fbaipublicfiles.com/DiT/models/ (set DIT_DOWNLOAD_URL
+  to a mirror's base address). When that address fails, the same weights come from the
+  Hugging Face hub repos facebook/DiT-XL-2-256 / -512 instead.
+- hf:OWNER/REPO[/SUBFOLDER]: a DiT in diffusers' layout on the hub (default subfolder
+  `transformer`), e.g. hf:facebook/DiT-XL-2-256; huggingface_hub caches it (HF_HOME) and
+  honours HF_ENDPOINT (a mirror) and HF_HUB_OFFLINE.
+- a folder: a diffusers DiTTransformer2DModel (config.json + diffusion_pytorch_model
+  .safetensors or .bin), or a pipeline folder with it under transformer/.
+- any other path: a checkpoint file (a training checkpoint gives its EMA weights).
 
-  python download.py        # fetch both released checkpoints
+  python download.py                          # fetch both released checkpoints
+  python download.py hf:facebook/DiT-XL-2-256 # fill the hub cache instead
 """
 from __future__ import annotations
 
+import argparse
 import http.client
 import os
 import sys
@@ -18,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from checkpoint import load_checkpoint, model_weights
+from diffusers_format import WEIGHT_FILES, is_diffusers_folder, load_diffusers_folder
 from models import DiT_models, check_state_dict
 
 BASE_URL_ENV = "DIT_DOWNLOAD_URL"
@@ -28,6 +39,13 @@ PRETRAINED_MODELS = {
     "DiT-XL-2-256x256.pt": ("DiT-XL/2", 32),
     "DiT-XL-2-512x512.pt": ("DiT-XL/2", 64),
 }
+# The same weights in diffusers' layout on the Hugging Face hub.
+HUB_PREFIX = "hf:"
+HUB_REPOS = {
+    "DiT-XL-2-256x256.pt": "facebook/DiT-XL-2-256",
+    "DiT-XL-2-512x512.pt": "facebook/DiT-XL-2-512",
+}
+HUB_SUBFOLDER = "transformer"
 CHUNK_BYTES = 1 << 20
 TIMEOUT_S = 60
 # A transfer cut off mid-way is resumed this many times within one call.
@@ -35,18 +53,59 @@ ATTEMPTS = 5
 
 
 def find_model(model_name: str) -> dict[str, torch.Tensor]:
-    """A released checkpoint by file name (downloaded if absent), or a local checkpoint path.
-
-    A training checkpoint gives its EMA weights; a bare state dict is returned as it is.
-    """
+    """A released checkpoint by file name (downloaded if absent), hf:OWNER/REPO[/SUBFOLDER],
+    a diffusers DiT folder, or a checkpoint file; see the module's docstring."""
     if model_name in PRETRAINED_MODELS:
         return download_model(model_name)
+    if model_name.startswith(HUB_PREFIX):
+        return hub_model(model_name[len(HUB_PREFIX):])
+    if os.path.isdir(model_name):
+        return folder_model(model_name)
     if not os.path.isfile(model_name):
         raise FileNotFoundError(
-            f"checkpoint {model_name} does not exist; pass --ckpt PATH to a checkpoint file, or one of "
-            f"the released names {', '.join(PRETRAINED_MODELS)}"
+            f"checkpoint {model_name} does not exist; pass --ckpt PATH to a checkpoint file or diffusers DiT folder, "
+            f"hf:OWNER/REPO, or one of the released names {', '.join(PRETRAINED_MODELS)}"
         )
     return model_weights(load_checkpoint(model_name))
+
+
+def folder_model(folder: str) -> dict[str, torch.Tensor]:
+    """A diffusers DiTTransformer2DModel folder, or a pipeline folder holding one in transformer/."""
+    for candidate in (folder, os.path.join(folder, HUB_SUBFOLDER)):
+        if is_diffusers_folder(candidate):
+            return load_diffusers_folder(candidate)
+    raise ValueError(
+        f"{folder} is a folder but not a diffusers DiT (config.json with {' or '.join(WEIGHT_FILES)}, "
+        f"there or in {HUB_SUBFOLDER}/); pass a checkpoint file or such a folder"
+    )
+
+
+def hub_model(spec: str) -> dict[str, torch.Tensor]:
+    """OWNER/REPO[/SUBFOLDER] from the Hugging Face hub, through huggingface_hub's cache."""
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HFValidationError, LocalEntryNotFoundError
+
+    parts = spec.split("/", 2)
+    repo, subfolder = "/".join(parts[:2]), parts[2] if len(parts) == 3 else HUB_SUBFOLDER
+    try:
+        config_path = hf_hub_download(repo, "config.json", subfolder=subfolder)
+        safetensors_file, bin_file = WEIGHT_FILES
+        try:
+            hf_hub_download(repo, safetensors_file, subfolder=subfolder)
+        except EntryNotFoundError:  # the facebook/DiT-XL-2-* main branches hold only the .bin
+            hf_hub_download(repo, bin_file, subfolder=subfolder)
+    except LocalEntryNotFoundError as error:
+        raise RuntimeError(
+            f"{repo}/{subfolder} is not in the Hugging Face cache and the hub at {constants.ENDPOINT} could not be "
+            f"reached (offline, or HF_HUB_OFFLINE set); set HF_ENDPOINT to a mirror, or pass --ckpt PATH to a local checkpoint or diffusers folder"
+        ) from error
+    except (OSError, EntryNotFoundError, HFValidationError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise RuntimeError(
+            f"could not fetch {repo}/{subfolder} from the Hugging Face hub ({reason}); "
+            f"pass --ckpt PATH to a local checkpoint or diffusers folder"
+        ) from error
+    return load_diffusers_folder(os.path.dirname(config_path))
 
 
 def pretrained_url(name: str) -> str:
@@ -69,10 +128,12 @@ def download_model(name: str) -> dict[str, torch.Tensor]:
         fetch(url, part)
     except (OSError, http.client.HTTPException) as error:
         reason = error if isinstance(error, urllib.error.HTTPError) else getattr(error, "reason", error)
-        raise RuntimeError(
-            f"could not download {url} ({reason}); put the file at {path} by other means "
-            f"(or set {BASE_URL_ENV} to a mirror), or pass --ckpt PATH to a local checkpoint"
-        ) from error
+        if name not in HUB_REPOS:
+            raise RuntimeError(
+                f"could not download {url} ({reason}); put the file at {path} by other means "
+                f"(or set {BASE_URL_ENV} to a mirror), or pass --ckpt PATH to a local checkpoint"
+            ) from error
+        return hub_fallback(name, url, reason, path)
     try:
         state_dict = load_released(part, name)
     except ValueError as error:
@@ -86,13 +147,31 @@ def download_model(name: str) -> dict[str, torch.Tensor]:
     return state_dict
 
 
+def hub_fallback(name: str, url: str, reason: object, path: str) -> dict[str, torch.Tensor]:
+    """The released weights from their hub repo, when the original address failed."""
+    repo = HUB_REPOS[name]
+    print(f"could not download {url} ({reason}); trying hf:{repo}", file=sys.stderr)
+    try:
+        state_dict = hub_model(repo)
+    except (RuntimeError, ValueError) as error:
+        raise RuntimeError(
+            f"could not download {url} ({reason}) nor hf:{repo} from the Hugging Face hub; put the file at {path} "
+            f"by other means (or set {BASE_URL_ENV} or HF_ENDPOINT to a mirror), or pass --ckpt PATH to a local checkpoint"
+        ) from error
+    return check_released(state_dict, name, f"hf:{repo}")
+
+
 def load_released(path: str, name: str) -> dict[str, torch.Tensor]:
     """Load a released checkpoint safely and check its keys and shapes against its model."""
-    state_dict = model_weights(load_checkpoint(path))
+    return check_released(model_weights(load_checkpoint(path)), name, path)
+
+
+def check_released(state_dict: dict[str, torch.Tensor], name: str, source: str) -> dict[str, torch.Tensor]:
+    """The keys and shapes of the model `name` must have, or a ValueError naming the difference."""
     model_name, latent_size = PRETRAINED_MODELS[name]
     with torch.device("meta"):  # shapes only, no memory
         model = DiT_models[model_name](input_size=latent_size)
-    check_state_dict(model, state_dict, what=f"{path} ({name})")
+    check_state_dict(model, state_dict, what=f"{source} ({name})")
     return state_dict
 
 
@@ -133,13 +212,20 @@ def fetch_once(url: str, part: str) -> bool:
     return total is None or os.path.getsize(part) == total
 
 
-def main() -> None:
-    for name in PRETRAINED_MODELS:
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description="Fetch DiT checkpoints ahead of sampling: the released files into pretrained_models/, "
+        "hf:OWNER/REPO names into the Hugging Face cache.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("names", nargs="*", default=list(PRETRAINED_MODELS), help="released file names or hf:OWNER/REPO[/SUBFOLDER]")
+    args = parser.parse_args(argv)
+    for name in args.names:
         try:
             find_model(name)
         except (OSError, RuntimeError, ValueError) as error:
             sys.exit(f"download.py: error: {error}")
-        print(f"{os.path.join(PRETRAINED_DIR, name)} is ready")
+        print(f"{os.path.join(PRETRAINED_DIR, name) if name in PRETRAINED_MODELS else name} is ready")
 
 
 if __name__ == "__main__":

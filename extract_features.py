@@ -20,7 +20,6 @@ import time
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
 from cli import add_vae_flags, make_parser
@@ -35,7 +34,7 @@ from data import (
     vae_encoder_fingerprint,
 )
 from checkpoint import output_folder_problem, write_error_message
-from distributed import any_rank, barrier, cleanup_distributed, create_logger, setup_distributed
+from distributed import any_rank, barrier, cleanup_distributed, create_logger, gather_from_all, setup_distributed
 from vae import HUB_VAES, latent_size, load_vae
 
 # Settings that must agree between a feature folder and the run that continues or uses it.
@@ -92,15 +91,6 @@ def shard_of_pending(done: np.ndarray, rank: int, world_size: int, batch_size: i
     chunk = world_size * batch_size
     pending += pending[-1:] * (-len(pending) % chunk)
     return pending[rank::world_size]
-
-
-def gather_from_all(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenate a same-shaped tensor from every process (the tensor itself in one process)."""
-    if not dist.is_initialized():
-        return tensor
-    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, tensor)
-    return torch.cat(parts)
 
 
 def check_existing_store(path: str, meta: dict) -> bool:

@@ -1,12 +1,17 @@
-"""DiT: a latent diffusion transformer with adaLN-Zero conditioning (Peebles & Xie, 2022).
+"""DiT: a latent diffusion transformer with adaLN-Zero conditioning (Peebles & Xie, 2022,
+"Scalable Diffusion Models with Transformers"; sections, figures and tables below are the paper's).
 
 State-dict keys and shapes match the released checkpoints, so `DiT-XL-2-256x256.pt` loads
 with `strict=True`. Shapes used below: N batch, C latent channels, T tokens, D width.
+
+The original builds PatchEmbed, Attention and Mlp from timm; these are the same three layers
+in plain torch (same parameter names, same arithmetic: tests/test_models.py compares them
+with timm's), so that timm is no run-time dependency.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, Mapping
+from typing import Mapping
 
 import torch
 import torch.nn as nn
@@ -15,7 +20,8 @@ from torch.utils.checkpoint import checkpoint
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Per-sample affine on tokens: x (N, T, D), shift/scale (N, D)."""
+    """Per-sample affine on tokens, the adaptive layer norm's gamma and beta (Section 3.2):
+    x (N, T, D), shift/scale (N, D). `1 + scale` makes a zero scale the identity."""
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
@@ -57,7 +63,8 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 
 class PatchEmbed(nn.Module):
-    """Non-overlapping p x p patches -> tokens, (N, C, H, W) -> (N, H*W/p^2, D)."""
+    """"Patchify" (Section 3.2, Figure 4): non-overlapping p x p patches -> tokens,
+    (N, C, H, W) -> (N, H*W/p^2, D), as a strided convolution (timm's PatchEmbed)."""
 
     def __init__(self, patch_size: int, in_channels: int, hidden_size: int):
         super().__init__()
@@ -86,7 +93,9 @@ class TimestepEmbedder(nn.Module):
 
 class LabelEmbedder(nn.Module):
     """Class labels -> (N, D) vectors. Row `num_classes` is the null label that
-    classifier-free guidance uses; it exists only when labels can be dropped."""
+    classifier-free guidance uses (Section 3.1: labels are dropped at random in training so
+    that one model learns both the conditional and the unconditional prediction); it exists
+    only when labels can be dropped."""
 
     def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
         super().__init__()
@@ -124,7 +133,7 @@ class LabelEmbedder(nn.Module):
 # ----------------------------------------------------------------------------------------
 
 class Attention(nn.Module):
-    """Multi-head self-attention with a fused qkv projection.
+    """Multi-head self-attention with a fused qkv projection (timm's Attention with qkv_bias).
 
     fused=True uses scaled_dot_product_attention (flash / memory-efficient kernels);
     fused=False spells out softmax(q k^T / sqrt(d)) v.
@@ -151,6 +160,8 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
+    """Linear-GELU-Linear (timm's Mlp with the tanh approximation of GELU, as the original)."""
+
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim, bias=True)
@@ -162,8 +173,9 @@ class Mlp(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    """Transformer block whose LayerNorms are modulated by the conditioning (adaLN-Zero):
-    the conditioning gives shift, scale and a residual gate for attention and for the MLP."""
+    """Transformer block whose LayerNorms are modulated by the conditioning (adaLN-Zero,
+    Section 3.2, Figure 3): the conditioning gives shift, scale and a residual gate for
+    attention and for the MLP; the gates start at zero, so the block starts as the identity."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, fused_attn: bool = True):
         super().__init__()
@@ -181,7 +193,8 @@ class DiTBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    """adaLN-modulated LayerNorm, then a linear map from each token to its p x p x C patch."""
+    """The transformer decoder (Section 3.2): adaLN-modulated LayerNorm, then a linear map
+    from each token to its p x p x C patch (noise and, with learn_sigma, variance)."""
 
     def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
         super().__init__()
@@ -258,7 +271,7 @@ class DiT(nn.Module):
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
 
-        # adaLN-Zero: every block starts as the identity and the output starts at zero.
+        # adaLN-Zero (Section 3.2): every block starts as the identity and the output at zero.
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
@@ -310,7 +323,7 @@ class DiT(nn.Module):
         cfg_scale: float,
         all_eps_channels: bool = False,
     ) -> torch.Tensor:
-        """Classifier-free guidance on a batch laid out as [conditional; unconditional].
+        """Classifier-free guidance (Section 3.1) on a batch laid out as [conditional; unconditional].
 
         Only the first half of x is used (it is run twice, once per label half). Guidance
         `uncond + s * (cond - uncond)` touches the noise prediction, never the variance
@@ -348,26 +361,59 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], w
 
 
 # ----------------------------------------------------------------------------------------
-# Configs: DiT-{S,B,L,XL}/{2,4,8}
+# Configs (Table 1): depth, width and heads of S, B and L follow ViT, XL is the paper's own.
+# DiT-{size}/{p} cuts the latent into p x p patches: halving p quadruples the tokens and about
+# quadruples the Gflops (forward multiply-adds; Table 1 lists them at p = 4, 32x32 latents).
+# DiT-XL/2 at 256 px: 118.6 Gflops per image (benchmarks/benchmark.py counts them).
 # ----------------------------------------------------------------------------------------
 
-_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+def DiT_XL_2(**kwargs) -> DiT:
+    return DiT(depth=28, hidden_size=1152, patch_size=2, num_heads=16, **kwargs)
 
 
-def _config(size: str, patch_size: int) -> Callable[..., DiT]:
-    depth, hidden_size, num_heads = _SIZES[size]
-
-    def build(**kwargs) -> DiT:
-        return DiT(depth=depth, hidden_size=hidden_size, patch_size=patch_size, num_heads=num_heads, **kwargs)
-
-    build.__name__ = f"DiT_{size}_{patch_size}"
-    return build
+def DiT_XL_4(**kwargs) -> DiT:
+    return DiT(depth=28, hidden_size=1152, patch_size=4, num_heads=16, **kwargs)
 
 
-DiT_XL_2, DiT_XL_4, DiT_XL_8 = (_config("XL", p) for p in (2, 4, 8))
-DiT_L_2, DiT_L_4, DiT_L_8 = (_config("L", p) for p in (2, 4, 8))
-DiT_B_2, DiT_B_4, DiT_B_8 = (_config("B", p) for p in (2, 4, 8))
-DiT_S_2, DiT_S_4, DiT_S_8 = (_config("S", p) for p in (2, 4, 8))
+def DiT_XL_8(**kwargs) -> DiT:
+    return DiT(depth=28, hidden_size=1152, patch_size=8, num_heads=16, **kwargs)
+
+
+def DiT_L_2(**kwargs) -> DiT:
+    return DiT(depth=24, hidden_size=1024, patch_size=2, num_heads=16, **kwargs)
+
+
+def DiT_L_4(**kwargs) -> DiT:
+    return DiT(depth=24, hidden_size=1024, patch_size=4, num_heads=16, **kwargs)
+
+
+def DiT_L_8(**kwargs) -> DiT:
+    return DiT(depth=24, hidden_size=1024, patch_size=8, num_heads=16, **kwargs)
+
+
+def DiT_B_2(**kwargs) -> DiT:
+    return DiT(depth=12, hidden_size=768, patch_size=2, num_heads=12, **kwargs)
+
+
+def DiT_B_4(**kwargs) -> DiT:
+    return DiT(depth=12, hidden_size=768, patch_size=4, num_heads=12, **kwargs)
+
+
+def DiT_B_8(**kwargs) -> DiT:
+    return DiT(depth=12, hidden_size=768, patch_size=8, num_heads=12, **kwargs)
+
+
+def DiT_S_2(**kwargs) -> DiT:
+    return DiT(depth=12, hidden_size=384, patch_size=2, num_heads=6, **kwargs)
+
+
+def DiT_S_4(**kwargs) -> DiT:
+    return DiT(depth=12, hidden_size=384, patch_size=4, num_heads=6, **kwargs)
+
+
+def DiT_S_8(**kwargs) -> DiT:
+    return DiT(depth=12, hidden_size=384, patch_size=8, num_heads=6, **kwargs)
+
 
 DiT_models = {
     "DiT-XL/2": DiT_XL_2, "DiT-XL/4": DiT_XL_4, "DiT-XL/8": DiT_XL_8,

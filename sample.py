@@ -2,6 +2,7 @@
 
   python sample.py --cfg-scale 4.0                                   # released DiT-XL/2 256 -> sample.png
   python sample.py --model DiT-S/2 --ckpt results/000-DiT-S-2/checkpoints/0400000.pt --class-labels 1 2 3
+  python sample.py --sampler dpm-solver++ --num-sampling-steps 25                # DPM-Solver++(2M), 25 steps
 
 With the same checkpoint, VAE, seed and flags it draws the same starting latent as the
 original sample.py on a GPU: the generator is re-seeded right before the latent is drawn.
@@ -15,7 +16,9 @@ import sys
 import torch
 from PIL import Image
 
-from cli import add_compile_flag, add_model_flags, add_precision_flag, add_sampling_flags, add_vae_flags, make_parser
+from cli import (
+    add_compile_flag, add_model_flags, add_precision_flag, add_sampling_flags, add_vae_flags, check_sampling_flags, make_parser,
+)
 from distributed import default_device
 from images import save_grid
 from precision import setup_precision
@@ -43,9 +46,15 @@ def check_output_path(path: str) -> None:
     extension = os.path.splitext(path)[1].lower()
     if extension not in Image.registered_extensions():
         raise ValueError(f"--out {path} needs an image file extension such as .png")
-    folder = os.path.dirname(path)
-    if folder and not os.path.isdir(folder):
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"--out {path} is a folder; pass a file name such as {os.path.join(path, 'sample.png')}")
+    folder = os.path.dirname(path) or "."
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise NotADirectoryError(f"--out {path} cannot be written: {folder} is a file, not a folder")
+    if not os.path.isdir(folder):
         raise FileNotFoundError(f"the folder of --out {path} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"the folder of --out {path} is not writable")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -56,13 +65,14 @@ def main(argv: list[str] | None = None) -> None:
         precision, message = setup_precision(args.precision, device)
         if message:
             print(message, file=sys.stderr)
+        check_sampling_flags(args)
         check_labels(args.class_labels, args.num_classes)
         check_output_path(args.out)
         size = latent_size(args.image_size)
+        diffusion = create_sampler(args.num_sampling_steps, args.sampler, args.timestep_spacing)
         model = load_model(args.model, args.image_size, args.num_classes, args.ckpt, device)
         if args.compile:
             compile_for_sampling(model)
-        diffusion = create_sampler(args.num_sampling_steps, args.sampler)
         vae = load_vae(args.vae, device, args.vae_path)
     except SETUP_ERRORS as error:
         sys.exit(f"sample.py: error: {error}")

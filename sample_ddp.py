@@ -2,9 +2,10 @@
 
   torchrun --nnodes=1 --nproc_per_node=8 sample_ddp.py --model DiT-XL/2 --num-fid-samples 50000
   python sample_ddp.py --model DiT-S/8 --image-size 64 --ckpt CKPT --num-fid-samples 100   # one process
+  torchrun --nproc_per_node=8 sample_ddp.py --sampler dpm-solver++ --num-sampling-steps 25  # 10x fewer calls
 
-Image i's starting latent, its label and its noise at every step come from numpy's
-generator seeded with [global_seed, i] alone. The model always runs on a fixed block of
+Image i's starting latent, its label and its noise at every step (samplers that draw noise:
+ddpm, dpm-solver++-sde) come from numpy's generator seeded with [global_seed, i] alone. The model always runs on a fixed block of
 --micro-batch-size images, and image i always sits at row i % micro-batch-size of block
 i // micro-batch-size (rows without an image to make are padding), so float rounding, which
 depends on the batch shape and on kernels' tiling, is the same for image i in every run:
@@ -25,25 +26,27 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from diffusers.models import AutoencoderKL
 from PIL import Image
 from tqdm.auto import tqdm
 
 from diffusion import SpacedDiffusion
-from distributed import barrier, cleanup_distributed, setup_distributed
+from distributed import all_gather_objects, barrier, cleanup_distributed, setup_distributed
 from images import to_uint8
-from cli import add_compile_flag, add_model_flags, add_precision_flag, add_sampling_flags, add_vae_flags, make_parser
+from cli import (
+    add_compile_flag, add_model_flags, add_precision_flag, add_sampling_flags, add_vae_flags, check_sampling_flags, make_parser,
+)
 from models import DiT
 from precision import setup_precision
 from sampling import SETUP_ERRORS, compile_for_sampling, create_sampler, denoise, load_model
+from solvers import Solver
 from vae import decode, latent_size, load_vae
 
 SETTINGS_FILE = "sampling_settings.json"
 # The flags that decide the pixels: a folder's PNGs are only reused when all of them agree.
 RECIPE = (
     "model", "ckpt", "image_size", "num_classes", "vae", "vae_path", "cfg_scale", "cfg_all_eps_channels",
-    "num_sampling_steps", "sampler", "precision", "compile", "global_seed", "micro_batch_size",
+    "num_sampling_steps", "sampler", "timestep_spacing", "precision", "compile", "global_seed", "micro_batch_size",
 )
 
 
@@ -73,17 +76,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def check_args(args: argparse.Namespace) -> None:
+    check_sampling_flags(args)
     for flag in ("per_proc_batch_size", "micro_batch_size", "num_fid_samples"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     if args.global_seed < 0:
         raise ValueError(f"--global-seed must be non-negative, got {args.global_seed}")
+    # The nearest folder that exists on the way to --sample-dir must be one we can write into.
+    existing = os.path.abspath(args.sample_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise NotADirectoryError(f"--sample-dir {args.sample_dir} cannot be made: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"--sample-dir {args.sample_dir} cannot be written: {existing} is not writable")
 
 
 def sample_folder(args: argparse.Namespace) -> str:
     """The original's folder name: model, checkpoint, size, VAE, guidance scale and seed."""
     model_name = args.model.replace("/", "-")
-    ckpt_name = os.path.basename(args.ckpt).replace(".pt", "") if args.ckpt else "pretrained"
+    ckpt_name = os.path.basename(os.path.normpath(args.ckpt)).replace(".pt", "") if args.ckpt else "pretrained"
     vae_name = os.path.basename(os.path.normpath(args.vae_path)) if args.vae_path else args.vae
     return os.path.join(
         args.sample_dir,
@@ -93,8 +105,10 @@ def sample_folder(args: argparse.Namespace) -> str:
 
 def recipe(args: argparse.Namespace) -> dict:
     settings = {key: getattr(args, key) for key in RECIPE}
+    if args.sampler in ("ddpm", "ddim"):  # they ignore the spacing; folders from before the flag stay valid
+        settings["timestep_spacing"] = None
     for key in ("ckpt", "vae_path"):
-        if settings[key] is not None:
+        if settings[key] is not None and not settings[key].startswith("hf:"):
             settings[key] = os.path.abspath(settings[key])
     return settings
 
@@ -135,11 +149,7 @@ def is_valid_png(path: str, image_size: int) -> bool:
 def missing_indices(folder: str, num_samples: int, image_size: int, rank: int, world_size: int) -> list[int]:
     """Indices without a valid PNG; each process checks a share of the files, all get the whole list."""
     mine = [i for i in range(rank, num_samples, world_size) if not is_valid_png(png_path(folder, i), image_size)]
-    if not dist.is_initialized():
-        return mine
-    shares: list[list[int]] = [[] for _ in range(world_size)]
-    dist.all_gather_object(shares, mine)
-    return sorted(i for share in shares for i in share)
+    return sorted(i for share in all_gather_objects(mine) for i in share)
 
 
 def image_generators(global_seed: int, indices: list[int]) -> list[np.random.Generator]:
@@ -174,7 +184,7 @@ def deal_blocks(missing: list[int], block_size: int, per_turn: int, rank: int, w
 
 
 def sample_block(
-    model: DiT, diffusion: SpacedDiffusion, vae: AutoencoderKL, indices: list[int], args: argparse.Namespace,
+    model: DiT, diffusion: SpacedDiffusion | Solver, vae: AutoencoderKL, indices: list[int], args: argparse.Namespace,
     device: torch.device,
 ) -> np.ndarray:
     """(len(indices), H, W, 3) uint8 images for indices of one block, each sampled at its own row."""
@@ -228,10 +238,10 @@ def main(argv: list[str] | None = None) -> None:
         args.precision, message = setup_precision(args.precision, info.device)
         if message and info.is_main:
             print(message, file=sys.stderr)
+        diffusion = create_sampler(args.num_sampling_steps, args.sampler, args.timestep_spacing)
         model = load_model(args.model, args.image_size, args.num_classes, args.ckpt, info.device)
         if args.compile:
             compile_for_sampling(model)
-        diffusion = create_sampler(args.num_sampling_steps, args.sampler)
         vae = load_vae(args.vae, info.device, args.vae_path)
         folder = sample_folder(args)
         os.makedirs(folder, exist_ok=True)

@@ -10,9 +10,11 @@ from diffusion import SpacedDiffusion, create_diffusion
 from download import PRETRAINED_MODELS, find_model
 from models import DiT, DiT_models, check_state_dict
 from precision import autocast
+from solvers import DEFAULT_SPACING, SOLVERS, Solver, create_solver
 from vae import latent_size
 
-SAMPLERS = ("ddpm", "ddim")
+# The reference's two loops, then diffusers' solvers (solvers.py).
+SAMPLERS = ("ddpm", "ddim", *SOLVERS)
 # Bad input surfaces as one of these while a script sets up; scripts print it as one line.
 SETUP_ERRORS = (ValueError, OSError, RuntimeError)
 
@@ -70,12 +72,15 @@ def compile_for_sampling(model: DiT) -> DiT:
     return model
 
 
-def create_sampler(num_steps: int, sampler: str) -> SpacedDiffusion:
-    """DDPM over `num_steps` evenly spaced steps, or DDIM over `num_steps` steps at an integer stride."""
+def create_sampler(num_steps: int, sampler: str, timestep_spacing: str = DEFAULT_SPACING) -> SpacedDiffusion | Solver:
+    """DDPM over `num_steps` evenly spaced steps, DDIM over `num_steps` steps at an integer
+    stride, or one of diffusers' solvers over `num_steps` steps placed by `timestep_spacing`."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if not 1 <= num_steps <= 1000:
         raise ValueError(f"--num-sampling-steps must lie in [1, 1000], got {num_steps}")
+    if sampler in SOLVERS:
+        return create_solver(sampler, num_steps, timestep_spacing)
     respacing = f"ddim{num_steps}" if sampler == "ddim" else str(num_steps)
     try:
         return create_diffusion(respacing)
@@ -85,7 +90,7 @@ def create_sampler(num_steps: int, sampler: str) -> SpacedDiffusion:
 
 def denoise(
     model: DiT,
-    diffusion: SpacedDiffusion,
+    diffusion: SpacedDiffusion | Solver,
     z: torch.Tensor,
     y: torch.Tensor,
     cfg_scale: float | None,
@@ -100,6 +105,8 @@ def denoise(
     With a cfg_scale the batch is [z; z] with labels [y; null] and the model's guided
     forward (DiT's classifier-free guidance); None samples without guidance. Returns the
     N final latents. The model runs under `precision`; the diffusion arithmetic stays fp32.
+    A Solver (from create_sampler) integrates the N latents themselves and takes the
+    guided noise prediction only: the variance channels play no part in an ODE.
     """
     if cfg_scale is None:
         x, labels, forward = z, y, model.forward
@@ -111,6 +118,15 @@ def denoise(
     def model_fn(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with autocast(precision, x.device):
             return forward(x, t, y).float()
+
+    if isinstance(diffusion, Solver):
+        copies = len(x) // len(z)  # [x; x] with guidance
+
+        def eps_fn(latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            out = model_fn(latents.repeat(copies, 1, 1, 1), t.repeat(copies), labels)
+            return out[: len(latents), : model.in_channels]
+
+        return diffusion.sample(eps_fn, z, noise_fn=noise_fn, progress=progress)
 
     loop = diffusion.ddim_sample_loop if sampler == "ddim" else diffusion.p_sample_loop
     samples = loop(

@@ -12,22 +12,31 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import logging
 import math
 import os
 import resource
 import time
 from copy import deepcopy
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
-from checkpoint import load_checkpoint, save_checkpoint
+from checkpoint import load_checkpoint, missing_entries, save_checkpoint, setting_differences
 from cli import add_compile_flag, add_model_flags, add_precision_flag, add_vae_flags, make_parser
 from data import EpochSampler, FeatureDataset, ImageDataset, vae_encoder_fingerprint
 from diffusion import SpacedDiffusion, create_diffusion
-from distributed import DistInfo, all_reduce_mean, cleanup_distributed, create_logger, setup_distributed
+from distributed import (
+    DistInfo,
+    all_reduce_mean,
+    cleanup_distributed,
+    create_logger,
+    rng_states_of_all_ranks,
+    setup_distributed,
+)
 from images import save_grid
 from models import DiT, DiT_models
 from precision import autocast, grad_scaler, setup_precision
@@ -41,6 +50,8 @@ SAMPLE_CFG_SCALE = 4.0
 RESUME_KEYS = ("model", "ema", "opt", "args", "step", "epoch", "epoch_step", "world_size", "dataset_size", "rng")
 # Settings a resumed run must share with its checkpoint.
 RESUME_MATCHING_ARGS = ("model", "image_size", "num_classes", "global_batch_size", "global_seed")
+
+logger = logging.getLogger("dit")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -270,15 +281,11 @@ def find_latest_checkpoint(results_dir: str, model: str) -> str | None:
 
 
 def check_resumable(checkpoint: dict, path: str, args: argparse.Namespace, world_size: int, dataset_size: int) -> None:
-    missing = [key for key in RESUME_KEYS if key not in checkpoint]
+    """Exit with one sentence unless `checkpoint` continues this run's settings."""
+    missing = missing_entries(checkpoint, RESUME_KEYS)
     if missing:
         raise SystemExit(f"{path} is not a train.py checkpoint that can be resumed (it lacks {', '.join(missing)})")
-    saved = checkpoint["args"]
-    differences = [
-        f"--{key.replace('_', '-')} {saved.get(key)} (now {getattr(args, key)})"
-        for key in RESUME_MATCHING_ARGS
-        if saved.get(key) != getattr(args, key)
-    ]
+    differences = setting_differences(checkpoint["args"], vars(args), RESUME_MATCHING_ARGS)
     if checkpoint["world_size"] != world_size:
         differences.append(f"{checkpoint['world_size']} processes (now {world_size})")
     if checkpoint["dataset_size"] != dataset_size:
@@ -287,14 +294,39 @@ def check_resumable(checkpoint: dict, path: str, args: argparse.Namespace, world
         raise SystemExit(f"cannot resume from {path}: it was trained with {', '.join(differences)}; resume with the same settings")
 
 
-def rng_states_of_all_ranks(device: torch.device) -> list[dict]:
-    """Every process's torch RNG states (CPU, and CUDA on a GPU), in rank order."""
-    state = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-    if not dist.is_initialized():
-        return [state]
-    states: list = [None] * dist.get_world_size()
-    dist.all_gather_object(states, state)
-    return states
+def open_resume_checkpoint(args: argparse.Namespace, world_size: int, dataset_size: int) -> tuple[dict | None, str | None]:
+    """The checkpoint that --resume names (checked against the settings) and its path, or (None, None)."""
+    path = find_latest_checkpoint(args.results_dir, args.model) if args.resume == "auto" else args.resume
+    if path is None:
+        return None, None
+    try:
+        checkpoint = load_checkpoint(path, map_location="cpu")
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
+    check_resumable(checkpoint, path, args, world_size, dataset_size)
+    return checkpoint, path
+
+
+def open_vae(args: argparse.Namespace, dataset: FeatureDataset | ImageDataset, device: torch.device) -> torch.nn.Module | None:
+    """The VAE, where training needs it: to encode images, or to decode sample grids."""
+    using_features = args.feature_path is not None
+    needs_vae = not using_features or args.sample_every > 0
+    try:
+        vae = load_vae(args.vae, device if needs_vae else torch.device("cpu"), args.vae_path)
+    except (FileNotFoundError, RuntimeError, ValueError) as error:  # load_vae's one-sentence errors
+        raise SystemExit(str(error)) from None
+    if using_features:
+        check_feature_vae(args, dataset, vae)
+    return vae if needs_vae else None
+
+
+def experiment_folder(args: argparse.Namespace, resume_path: str | None, is_main: bool) -> str | None:
+    """Rank 0's experiment folder: the resumed run's own, or a new one (None on other ranks)."""
+    if not is_main:
+        return None
+    if resume_path is not None and os.path.basename(os.path.dirname(resume_path)) == "checkpoints":
+        return os.path.dirname(os.path.dirname(os.path.abspath(resume_path)))
+    return create_experiment_dir(args.results_dir, args.model)
 
 
 def restore_rng_state(states: list[dict], rank: int, device: torch.device) -> None:
@@ -316,15 +348,121 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 # ----------------------------------------------------------------------------------------
+# Training state and checkpoints
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainState:
+    """Where training stands. A checkpoint records step, epoch and epoch_step."""
+
+    step: int = 0
+    epoch: int = 0
+    epoch_step: int = 0  # optimizer steps of `epoch` already taken
+    last_checkpoint: str | None = None  # the newest checkpoint written or resumed from
+    checked_step: int = 0  # losses and weights up to this step are known to be finite
+    saved_step: int | None = None  # the step of the newest checkpoint of this run
+
+    def advance(self, steps_per_epoch: int) -> None:
+        self.step += 1
+        self.epoch_step += 1
+        if self.epoch_step == steps_per_epoch:  # the loader drops the last partial batch
+            self.epoch, self.epoch_step = self.epoch + 1, 0
+
+
+@dataclass
+class Run:
+    """What stays the same over a run: the settings, the processes, the folder and what is trained."""
+
+    args: argparse.Namespace
+    info: DistInfo
+    experiment_dir: str | None
+    dataset_size: int
+    model: DiT
+    ema: DiT
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+
+
+def build_run(args: argparse.Namespace, info: DistInfo, experiment_dir: str | None, dataset_size: int) -> Run:
+    """A fresh model, its EMA copy (the reference initialises both alike), optimizer and loss scaler."""
+    model = DiT_models[args.model](
+        input_size=args.image_size // 8, num_classes=args.num_classes, fused_attn=args.attention == "fused"
+    ).to(info.device)
+    ema = deepcopy(model).requires_grad_(False)
+    optimizer = build_optimizer(model, args.lr)
+    return Run(args, info, experiment_dir, dataset_size, model, ema, optimizer, grad_scaler(args.precision, info.device))
+
+
+def restore_run(run: Run, checkpoint: dict, path: str) -> TrainState:
+    """Load weights, optimizer and loss scale from a resumable checkpoint; the state to continue from."""
+    run.model.load_state_dict(checkpoint["model"])
+    run.ema.load_state_dict(checkpoint["ema"])
+    run.optimizer.load_state_dict(checkpoint["opt"])
+    for group in run.optimizer.param_groups:
+        group["lr"] = run.args.lr
+    if run.scaler.is_enabled() and checkpoint.get("scaler"):  # the loss scale of an fp16 run
+        run.scaler.load_state_dict(checkpoint["scaler"])
+    step, epoch, epoch_step = checkpoint["step"], checkpoint["epoch"], checkpoint["epoch_step"]
+    logger.info(f"resuming from {path} at step {step} (epoch {epoch}, batch {epoch_step} of the epoch)")
+    return TrainState(step, epoch, epoch_step, last_checkpoint=path, checked_step=step, saved_step=step)
+
+
+def training_checkpoint(run: Run, state: TrainState, rng: list[dict]) -> dict:
+    """Everything a resumed run needs (the reference's four entries first)."""
+    return {
+        "model": run.model.state_dict(),
+        "ema": run.ema.state_dict(),
+        "opt": run.optimizer.state_dict(),
+        "args": vars(run.args),
+        "step": state.step,
+        "epoch": state.epoch,
+        "epoch_step": state.epoch_step,
+        "world_size": run.info.world_size,
+        "dataset_size": run.dataset_size,
+        "rng": rng,
+        "scaler": run.scaler.state_dict(),  # {} unless fp16
+    }
+
+
+def stop_on_divergence(state: TrainState) -> None:
+    """Exit naming the steps where the loss or weights went non-finite, without saving them."""
+    first_step = state.checked_step + 1
+    where = f"at step {state.step}" if first_step >= state.step else f"between steps {first_step} and {state.step}"
+    message = (
+        f"the loss or the weights became non-finite {where}; stopping without saving "
+        f"these weights (last good checkpoint: {state.last_checkpoint or 'none'})"
+    )
+    logger.error(message)
+    raise SystemExit(message)
+
+
+def save_training_checkpoint(run: Run, state: TrainState, stats: RunningStats) -> None:
+    """Every rank checks the weights and hands in its RNG state; rank 0 writes the file."""
+    if not (stats.loss_sum_is_finite() and parameters_are_finite(run.model)):
+        stop_on_divergence(state)
+    rng = rng_states_of_all_ranks(run.info.device)
+    if run.info.is_main:
+        path = os.path.join(run.experiment_dir, "checkpoints", f"{state.step:07d}.pt")
+        save_checkpoint(training_checkpoint(run, state, rng), path)
+        logger.info(f"saved checkpoint {path}")
+        state.last_checkpoint = path
+    state.checked_step = state.saved_step = state.step
+
+
+# ----------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------
 
 
 class RunningStats:
-    """Loss, skipped-image and skipped-step sums between log steps, kept on the devices until a log step."""
+    """Loss, skipped-image and skipped-step sums between log steps, kept on the devices until a
+    log step; and the totals of skipped images and steps since the start of this process."""
 
     def __init__(self, device: torch.device):
         self.device = device
+        self.skipped_total = self.skipped_steps_total = 0
+        self.grad_norm: torch.Tensor | None = None  # of the newest step that computed it
         self.reset()
 
     def reset(self) -> None:
@@ -334,25 +472,72 @@ class RunningStats:
         self.steps = 0
         self.start = time.time()
 
-    def add(self, loss: torch.Tensor, skipped: torch.Tensor, skipped_step: torch.Tensor | None = None) -> None:
+    def add(
+        self, loss: torch.Tensor, skipped: torch.Tensor, skipped_step: torch.Tensor | None = None, grad_norm: torch.Tensor | None = None
+    ) -> None:
         self.loss += loss
         self.skipped += skipped.sum()
         if skipped_step is not None:
             self.skipped_steps += skipped_step
+        if grad_norm is not None:
+            self.grad_norm = grad_norm
         self.steps += 1
 
-    def reduce(self, world_size: int) -> tuple[float, int, int, float]:
-        """Mean loss over steps and ranks, unreadable images met by all ranks, optimizer steps
-        skipped by fp16 loss scaling (the same on every rank), steps/s; then reset."""
+    def reduce(self, world_size: int) -> tuple[float, float]:
+        """Mean loss over steps and ranks and steps/s since the last call; adds the unreadable
+        images met by all ranks and the optimizer steps skipped by fp16 loss scaling (the same
+        on every rank) to the totals; then resets."""
         means = all_reduce_mean(torch.stack([self.loss / self.steps, self.skipped.to(self.device), self.skipped_steps]))
-        loss, skipped, skipped_steps = means[0].item(), round(means[1].item() * world_size), round(means[2].item())
-        steps_per_sec = self.steps / (time.time() - self.start)
+        self.skipped_total += round(means[1].item() * world_size)
+        self.skipped_steps_total += round(means[2].item())
+        loss, steps_per_sec = means[0].item(), self.steps / (time.time() - self.start)
         self.reset()
-        return loss, skipped, skipped_steps, steps_per_sec
+        return loss, steps_per_sec
 
     def loss_sum_is_finite(self) -> bool:
         """Whether every rank's losses since the last log step are finite (a collective call)."""
         return bool(all_reduce_mean(self.loss.clone()).isfinite())
+
+
+def log_metrics(run: Run, state: TrainState, stats: RunningStats) -> None:
+    """Reduce the statistics since the last log step over the ranks; log them and append them to
+    metrics.jsonl. Stops the run if the loss has become non-finite."""
+    loss, steps_per_sec = stats.reduce(run.info.world_size)
+    if not math.isfinite(loss):
+        stop_on_divergence(state)
+    state.checked_step = state.step
+    record = {
+        "step": state.step,
+        "loss": loss,
+        "steps_per_sec": steps_per_sec,
+        "images_per_sec": steps_per_sec * run.args.global_batch_size,
+        "lr": run.optimizer.param_groups[0]["lr"],
+        "grad_norm": stats.grad_norm.item(),
+        "peak_memory_mb": peak_memory_mb(run.info.device),
+        "skipped_images": stats.skipped_total,
+    }
+    if run.scaler.is_enabled():  # fp16: steps the loss scaler skipped for inf/NaN gradients
+        record.update(skipped_steps=stats.skipped_steps_total, loss_scale=run.scaler.get_scale())
+    logger.info(
+        f"(step={state.step:07d}) train loss: {loss:.4f}, train steps/sec: {steps_per_sec:.2f}, "
+        f"grad norm: {record['grad_norm']:.3f}, peak memory: {record['peak_memory_mb']:.0f} MB"
+        + (f", unreadable images skipped so far: {stats.skipped_total}" if stats.skipped_total else "")
+        + (f", fp16 steps skipped so far: {stats.skipped_steps_total}" if stats.skipped_steps_total else "")
+    )
+    if run.info.is_main:
+        with open(os.path.join(run.experiment_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def save_samples(run: Run, vae: torch.nn.Module, step: int) -> None:
+    """Rank 0 saves a grid of EMA samples, the same noise and labels at every step."""
+    if not run.info.is_main:
+        return
+    path = os.path.join(run.experiment_dir, "samples", f"{step:07d}.png")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    args = run.args
+    save_grid(sample_images(run.ema, vae, args.sample_steps, args.num_classes, args.global_seed, args.precision), path)
+    logger.info(f"saved samples {path}")
 
 
 def batch_to_device(batch: list, vae: torch.nn.Module | None, using_features: bool, device: torch.device):
@@ -366,6 +551,31 @@ def batch_to_device(batch: list, vae: torch.nn.Module | None, using_features: bo
     return latents, labels.to(device, non_blocking=True), skipped
 
 
+def make_loader(dataset: Dataset, args: argparse.Namespace, info: DistInfo, per_rank_batch: int) -> tuple[EpochSampler, DataLoader]:
+    """This rank's loader over the shuffled epochs (see EpochSampler), in per-rank batches."""
+    sampler = EpochSampler(len(dataset), info.rank, info.world_size, args.global_seed)
+    loader = DataLoader(
+        dataset,
+        batch_size=per_rank_batch,
+        sampler=sampler,
+        num_workers=args.num_workers,
+        pin_memory=info.device.type == "cuda",
+        drop_last=True,
+        persistent_workers=args.num_workers > 0,
+        # A private generator: making loader iterators must not consume the global RNG.
+        generator=torch.Generator().manual_seed(args.global_seed),
+    )
+    return sampler, loader
+
+
+def wrap_for_training(model: DiT, args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
+    """The model in training mode, in DDP under torchrun, compiled when asked."""
+    model.set_grad_checkpointing(args.grad_checkpointing)
+    model.train()
+    wrapped = DDP(model, device_ids=[device] if device.type == "cuda" else None) if dist.is_initialized() else model
+    return compile_for_training(wrapped) if args.compile else wrapped
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     info = setup_distributed()
@@ -375,195 +585,73 @@ def main(argv: list[str] | None = None) -> None:
         cleanup_distributed()
 
 
-def train(args: argparse.Namespace, info: DistInfo) -> None:
-    device, rank, world_size = info.device, info.rank, info.world_size
-    validate_args(args, world_size)
-    per_rank_batch = args.global_batch_size // world_size
-    args.precision, precision_note = setup_precision(args.precision, device)  # `auto` -> what it chose
-    torch.manual_seed(args.global_seed * world_size + rank)
-    dataset = open_dataset(args, per_rank_batch, world_size)
+def set_up(args: argparse.Namespace, info: DistInfo) -> tuple[Run, TrainState, Dataset, torch.nn.Module | None]:
+    """Check the settings, open the data (and the checkpoint to resume), make the experiment
+    folder and the logger, and build or restore what is trained."""
+    validate_args(args, info.world_size)
+    args.precision, precision_note = setup_precision(args.precision, info.device)  # `auto` -> what it chose
+    torch.manual_seed(args.global_seed * info.world_size + info.rank)
+    dataset = open_dataset(args, args.global_batch_size // info.world_size, info.world_size)
+    checkpoint, resume_path = open_resume_checkpoint(args, info.world_size, len(dataset))
+    vae = open_vae(args, dataset, info.device)
 
-    resume_path = find_latest_checkpoint(args.results_dir, args.model) if args.resume == "auto" else args.resume
-    checkpoint = None
-    if resume_path is not None:
-        try:
-            checkpoint = load_checkpoint(resume_path, map_location="cpu")
-        except ValueError as error:
-            raise SystemExit(str(error)) from None
-        check_resumable(checkpoint, resume_path, args, world_size, len(dataset))
-
-    using_features = args.feature_path is not None
-    needs_vae = not using_features or args.sample_every > 0
-    try:
-        vae = load_vae(args.vae, device if needs_vae else torch.device("cpu"), args.vae_path)
-    except (FileNotFoundError, RuntimeError, ValueError) as error:  # load_vae's one-sentence errors
-        raise SystemExit(str(error)) from None
-    if using_features:
-        check_feature_vae(args, dataset, vae)
-        vae = vae if needs_vae else None
-
-    experiment_dir = None
-    if info.is_main:
-        in_place = resume_path is not None and os.path.basename(os.path.dirname(resume_path)) == "checkpoints"
-        if in_place:
-            experiment_dir = os.path.dirname(os.path.dirname(os.path.abspath(resume_path)))
-        else:
-            experiment_dir = create_experiment_dir(args.results_dir, args.model)
-    logger = create_logger(experiment_dir, rank)
-    logger.info(f"experiment folder {experiment_dir}; {world_size} process(es) on {device}; arguments {vars(args)}")
+    experiment_dir = experiment_folder(args, resume_path, info.is_main)
+    create_logger(experiment_dir, info.rank)
+    logger.info(f"experiment folder {experiment_dir}; {info.world_size} process(es) on {info.device}; arguments {vars(args)}")
     if precision_note:
         logger.info(precision_note)
     if args.resume == "auto" and resume_path is None:
         logger.info(f"--resume auto found no checkpoint of {args.model} in {args.results_dir}: starting a new run")
 
-    model = DiT_models[args.model](
-        input_size=args.image_size // 8, num_classes=args.num_classes, fused_attn=args.attention == "fused"
-    ).to(device)
-    ema = deepcopy(model).requires_grad_(False)
-    optimizer = build_optimizer(model, args.lr)
-    scaler = grad_scaler(args.precision, device)
-    step = epoch = epoch_step = 0  # epoch_step: batches of `epoch` already trained on
+    run = build_run(args, info, experiment_dir, len(dataset))
+    state = TrainState()
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        ema.load_state_dict(checkpoint["ema"])
-        optimizer.load_state_dict(checkpoint["opt"])
-        for group in optimizer.param_groups:
-            group["lr"] = args.lr
-        if scaler.is_enabled() and checkpoint.get("scaler"):  # the loss scale of an fp16 run
-            scaler.load_state_dict(checkpoint["scaler"])
-        step, epoch, epoch_step = checkpoint["step"], checkpoint["epoch"], checkpoint["epoch_step"]
-        logger.info(f"resuming from {resume_path} at step {step} (epoch {epoch}, batch {epoch_step} of the epoch)")
-    model.set_grad_checkpointing(args.grad_checkpointing)
-    model.train()
-    ema.eval()
-    train_model = DDP(model, device_ids=[device] if device.type == "cuda" else None) if dist.is_initialized() else model
-    if args.compile:
-        train_model = compile_for_training(train_model)
-    diffusion = create_diffusion(timestep_respacing="")
-    logger.info(f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters")
+        state = restore_run(run, checkpoint, resume_path)
+        restore_rng_state(checkpoint["rng"], info.rank, info.device)  # after everything that draws numbers
+    return run, state, dataset, vae
 
-    sampler = EpochSampler(len(dataset), rank, world_size, args.global_seed)
+
+def train(args: argparse.Namespace, info: DistInfo) -> None:
+    run, state, dataset, vae = set_up(args, info)
+    ema, device = run.ema.eval(), info.device
+    train_model = wrap_for_training(run.model, args, device)
+    diffusion = create_diffusion(timestep_respacing="")
+    logger.info(f"{args.model}: {sum(p.numel() for p in run.model.parameters()):,} parameters")
+
+    per_rank_batch = args.global_batch_size // info.world_size
+    sampler, loader = make_loader(dataset, args, info, per_rank_batch)
     steps_per_epoch = sampler.samples_per_rank // per_rank_batch
-    loader = DataLoader(
-        dataset,
-        batch_size=per_rank_batch,
-        sampler=sampler,
-        num_workers=args.num_workers,
-        pin_memory=device.type == "cuda",
-        drop_last=True,
-        persistent_workers=args.num_workers > 0,
-        # A private generator: making loader iterators must not consume the global RNG.
-        generator=torch.Generator().manual_seed(args.global_seed),
-    )
+    using_features = args.feature_path is not None
     source = f"features in {args.feature_path}" if using_features else f"images in {args.data_path}"
     logger.info(f"{len(dataset):,} {source}; {steps_per_epoch} steps per epoch")
 
-    def stop_on_divergence(first_step: int) -> None:
-        where = f"at step {step}" if first_step >= step else f"between steps {first_step} and {step}"
-        message = (
-            f"the loss or the weights became non-finite {where}; stopping without saving "
-            f"these weights (last good checkpoint: {last_checkpoint or 'none'})"
-        )
-        logger.error(message)
-        raise SystemExit(message)
-
-    def save() -> str:
-        """Every rank checks the weights and hands in its RNG state; rank 0 writes the file."""
-        if not (stats.loss_sum_is_finite() and parameters_are_finite(model)):
-            stop_on_divergence(last_checked_step + 1)
-        rng = rng_states_of_all_ranks(device)
-        if not info.is_main:
-            return ""
-        path = os.path.join(experiment_dir, "checkpoints", f"{step:07d}.pt")
-        state = {
-            "model": model.state_dict(),
-            "ema": ema.state_dict(),
-            "opt": optimizer.state_dict(),
-            "args": vars(args),
-            "step": step,
-            "epoch": epoch,
-            "epoch_step": epoch_step,
-            "world_size": world_size,
-            "dataset_size": len(dataset),
-            "rng": rng,
-            "scaler": scaler.state_dict(),  # {} unless fp16
-        }
-        save_checkpoint(state, path)
-        logger.info(f"saved checkpoint {path}")
-        return path
-
     max_steps = args.max_steps if args.max_steps is not None else float("inf")
-    last_checkpoint = resume_path
-    last_checked_step = step  # losses and weights up to here are known to be finite
-    last_saved_step = step if checkpoint is not None else None
-    skipped_total = skipped_steps_total = 0
-    grad_norm = None
-    if checkpoint is not None:
-        restore_rng_state(checkpoint["rng"], rank, device)  # last, after everything that draws numbers
-        del checkpoint
     logger.info(f"training for {args.epochs} epochs" + (f" or {args.max_steps} steps" if args.max_steps else ""))
     stats = RunningStats(device)
-    while epoch < args.epochs and step < max_steps:
-        sampler.set_epoch(epoch, epoch_step * per_rank_batch)
+    while state.epoch < args.epochs and state.step < max_steps:
+        sampler.set_epoch(state.epoch, state.epoch_step * per_rank_batch)
         for batch in loader:
             latents, labels, skipped = batch_to_device(batch, vae, using_features, device)
-            with_grad_norm = (step + 1) % args.log_every == 0
-            loss, norm, skipped_step = training_step(
-                train_model, diffusion, optimizer, latents, labels, args.precision, with_grad_norm, scaler
+            with_grad_norm = (state.step + 1) % args.log_every == 0
+            loss, grad_norm, skipped_step = training_step(
+                train_model, diffusion, run.optimizer, latents, labels, args.precision, with_grad_norm, run.scaler
             )
-            update_ema(ema, model, args.ema_decay)
-            stats.add(loss, skipped, skipped_step)
-            grad_norm = norm if norm is not None else grad_norm
-            step += 1
-            epoch_step += 1
-            if epoch_step == steps_per_epoch:  # the loader drops the last partial batch
-                epoch, epoch_step = epoch + 1, 0
+            update_ema(ema, run.model, args.ema_decay)
+            stats.add(loss, skipped, skipped_step, grad_norm)
+            state.advance(steps_per_epoch)
 
-            if step % args.log_every == 0:
-                loss_value, skipped, skipped_steps, steps_per_sec = stats.reduce(world_size)
-                if not math.isfinite(loss_value):
-                    stop_on_divergence(last_checked_step + 1)
-                last_checked_step = step
-                skipped_total += skipped
-                skipped_steps_total += skipped_steps
-                record = {
-                    "step": step,
-                    "loss": loss_value,
-                    "steps_per_sec": steps_per_sec,
-                    "images_per_sec": steps_per_sec * args.global_batch_size,
-                    "lr": optimizer.param_groups[0]["lr"],
-                    "grad_norm": grad_norm.item(),
-                    "peak_memory_mb": peak_memory_mb(device),
-                    "skipped_images": skipped_total,
-                }
-                if scaler.is_enabled():  # fp16: steps the loss scaler skipped for inf/NaN gradients
-                    record.update(skipped_steps=skipped_steps_total, loss_scale=scaler.get_scale())
-                logger.info(
-                    f"(step={step:07d}) train loss: {loss_value:.4f}, train steps/sec: {steps_per_sec:.2f}, "
-                    f"grad norm: {record['grad_norm']:.3f}, peak memory: {record['peak_memory_mb']:.0f} MB"
-                    + (f", unreadable images skipped so far: {skipped_total}" if skipped_total else "")
-                    + (f", fp16 steps skipped so far: {skipped_steps_total}" if skipped_steps_total else "")
-                )
-                if info.is_main:
-                    with open(os.path.join(experiment_dir, "metrics.jsonl"), "a") as f:
-                        f.write(json.dumps(record) + "\n")
-
-            if step % args.ckpt_every == 0:
-                last_checkpoint = save()
-                last_checked_step = last_saved_step = step
-
-            if args.sample_every and step % args.sample_every == 0 and info.is_main:
-                path = os.path.join(experiment_dir, "samples", f"{step:07d}.png")
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                save_grid(sample_images(ema, vae, args.sample_steps, args.num_classes, args.global_seed, args.precision), path)
-                logger.info(f"saved samples {path}")
-
-            if step >= max_steps:
+            if state.step % args.log_every == 0:
+                log_metrics(run, state, stats)
+            if state.step % args.ckpt_every == 0:
+                save_training_checkpoint(run, state, stats)
+            if args.sample_every and state.step % args.sample_every == 0:
+                save_samples(run, vae, state.step)
+            if state.step >= max_steps:
                 break
 
-    if last_saved_step != step:
-        save()
-    logger.info(f"done after {step} steps")
+    if state.saved_step != state.step:
+        save_training_checkpoint(run, state, stats)
+    logger.info(f"done after {state.step} steps")
 
 
 if __name__ == "__main__":

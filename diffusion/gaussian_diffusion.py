@@ -91,18 +91,16 @@ class GaussianDiffusion:
 
         # q(x_{t-1} | x_t, x_0)
         self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
-        # The posterior variance is 0 at t=0: its log is clipped to the value at t=1.
-        self.posterior_log_variance_clipped = (
-            np.log(np.append(self.posterior_variance[1], self.posterior_variance[1:]))
-            if self.num_timesteps > 1
-            else np.array([])
-        )
+        # The posterior variance is 0 at t=0: its log is clipped to the value at t=1, or to
+        # beta_0 in a one-step process (which has no t=1; its only step adds no noise).
+        variance_at_1 = self.posterior_variance[1] if self.num_timesteps > 1 else betas[0]
+        self.posterior_log_variance_clipped = np.log(np.append(variance_at_1, self.posterior_variance[1:]))
         self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
 
         # p(x_{t-1} | x_t) variances
         self.log_betas = np.log(betas)
-        self.fixed_large_variance = np.append(self.posterior_variance[1], betas[1:])
+        self.fixed_large_variance = np.append(variance_at_1, betas[1:])
         self.fixed_large_log_variance = np.log(self.fixed_large_variance)
 
         self._tables: dict[tuple[str, torch.device], torch.Tensor] = {}

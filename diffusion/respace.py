@@ -16,7 +16,11 @@ def space_timesteps(num_timesteps: int, section_counts: str | Sequence[int]) -> 
     section_counts is either "ddimN" (an integer stride that keeps exactly N steps, as in
     DDIM) or a list / comma-separated string of counts: the process is cut into that many
     equal sections and each section keeps that many evenly spaced steps, e.g. "10,15,20".
+    A single step in all ("1", "ddim1") keeps the last step, T-1.
     """
+    if section_counts in ("1", "ddim1", [1], (1,)):
+        # Sampling starts from pure noise at T-1; the rules below would keep step 0 instead.
+        return {num_timesteps - 1}
     if isinstance(section_counts, str):
         if section_counts.startswith("ddim"):
             desired = int(section_counts[len("ddim"):])
@@ -46,13 +50,12 @@ def space_timesteps(num_timesteps: int, section_counts: str | Sequence[int]) -> 
 class _OriginalTimesteps:
     """Calls the model with the original timestep index of each spaced step."""
 
-    def __init__(self, model: Callable[..., Any], timestep_map: list[int]):
+    def __init__(self, model: Callable[..., Any], diffusion: SpacedDiffusion):
         self.model = model
-        self.timestep_map = timestep_map
+        self.diffusion = diffusion
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, **kwargs) -> Any:
-        table = torch.tensor(self.timestep_map, device=t.device, dtype=t.dtype)
-        return self.model(x, table[t], **kwargs)
+        return self.model(x, self.diffusion.original_timesteps(t), **kwargs)
 
 
 class SpacedDiffusion(GaussianDiffusion):
@@ -72,11 +75,19 @@ class SpacedDiffusion(GaussianDiffusion):
                 self.timestep_map.append(i)
         kwargs["betas"] = np.array(new_betas)
         super().__init__(**kwargs)
+        self._timestep_tables: dict[torch.device, torch.Tensor] = {}
+
+    def original_timesteps(self, t: torch.Tensor) -> torch.Tensor:
+        """The original index of each spaced step in t. The table is copied to t's device once:
+        a copy from host memory at every call would make the host wait for the device."""
+        if t.device not in self._timestep_tables:
+            self._timestep_tables[t.device] = torch.tensor(self.timestep_map, device=t.device)
+        return self._timestep_tables[t.device][t].to(t.dtype)
 
     def _wrap_model(self, model: Callable[..., Any]) -> Callable[..., Any]:
         if isinstance(model, _OriginalTimesteps):
             return model
-        return _OriginalTimesteps(model, self.timestep_map)
+        return _OriginalTimesteps(model, self)
 
     def p_mean_variance(self, model, *args, **kwargs):
         return super().p_mean_variance(self._wrap_model(model), *args, **kwargs)

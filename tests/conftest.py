@@ -29,6 +29,16 @@ def pytest_report_header(config) -> list[str]:
     ]
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked `gpu` are skipped, with the reason in the summary, where CUDA is missing."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False); run benchmarks/gpu_checks.sh on one")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 def load_golden(name: str) -> dict:
     """A reference-vector file from tests/data (copied from shared/golden)."""
     return torch.load(DATA / f"{name}.pt", weights_only=True)

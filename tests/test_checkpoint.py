@@ -63,3 +63,13 @@ def test_pickled_objects_are_refused(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_checkpoint(str(tmp_path / "nope.pt"))
+
+
+def test_missing_entries_and_setting_differences():
+    from checkpoint import missing_entries, setting_differences
+
+    assert missing_entries({"model": 1, "step": 2}, ("model", "ema", "step")) == ["ema"]
+    assert missing_entries([1, 2], ("model",)) == ["model"]  # not a dict: lacks everything
+    saved, now = {"image_size": 256, "global_batch_size": 8}, {"image_size": 256, "global_batch_size": 4}
+    assert setting_differences(saved, now, ("image_size", "global_batch_size")) == ["--global-batch-size 8 (now 4)"]
+    assert setting_differences(saved, saved, ("image_size", "global_batch_size")) == []

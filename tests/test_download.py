@@ -12,9 +12,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, make_tiny_dit
+from conftest import REPO, load_golden_model, make_tiny_dit
 
 import download
+from diffusers_format import diffusers_to_official, official_to_diffusers
+from models import DiT, DiT_models
 
 # A stand-in for a released checkpoint: DiT-S/8 for a latent of 8 with the default 1000 classes.
 NAME = "DiT-S-8-64x64.pt"
@@ -207,3 +209,147 @@ def test_cli_reports_an_impossible_download_in_one_line(tmp_path):
     last_line = result.stderr.strip().splitlines()[-1]
     assert last_line.startswith("download.py: error: could not download") and "DiT-XL-2-256x256.pt" in last_line
     assert "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------- diffusers layout and the hub
+
+@pytest.fixture(scope="module")
+def golden():
+    """The reference's tiny DiT (official keys, real sin-cos pos_embed) and its inputs."""
+    return load_golden_model("model_tiny")
+
+
+def diffusers_dit(config: dict):
+    from diffusers import DiTTransformer2DModel
+
+    return DiTTransformer2DModel(
+        num_attention_heads=config["num_heads"], attention_head_dim=config["hidden_size"] // config["num_heads"],
+        in_channels=config["in_channels"], out_channels=2 * config["in_channels"], num_layers=config["depth"],
+        sample_size=config["input_size"], patch_size=config["patch_size"], num_embeds_ada_norm=config["num_classes"],
+    )
+
+
+def save_as_diffusers(golden, folder, safe_serialization: bool = True):
+    model, data = golden
+    transformer = diffusers_dit(data["config"])
+    transformer.load_state_dict(official_to_diffusers(model.state_dict()), strict=True)
+    transformer.save_pretrained(folder, safe_serialization=safe_serialization)
+    return transformer
+
+
+def test_mapping_covers_diffusers_dit_and_stock_diffusers_differs_only_in_the_timestep_shift(golden):
+    """Every key and shape of diffusers' DiT is filled (strict load); its forward equals ours
+    once its timestep embedding uses DiT's frequency shift 0, and differs with its stock shift 1."""
+    model, data = golden
+    transformer = diffusers_dit(data["config"]).eval()
+    transformer.load_state_dict(official_to_diffusers(model.state_dict()), strict=True)
+    with torch.no_grad():
+        ours = model(data["x"], data["t"], data["y"])
+        stock = transformer(data["x"], timestep=data["t"], class_labels=data["y"]).sample
+        for module in transformer.modules():
+            if hasattr(module, "downscale_freq_shift"):
+                module.downscale_freq_shift = 0
+        shifted = transformer(data["x"], timestep=data["t"], class_labels=data["y"]).sample
+    assert torch.allclose(shifted, ours, atol=1e-5 * ours.abs().max().item())
+    assert (stock - ours).abs().max() > 1e-2 * ours.abs().max()
+
+
+def test_round_trip_is_exact(golden):
+    model, data = golden
+    state_dict = model.state_dict()
+    config = dict(diffusers_dit(data["config"]).config)
+    back = diffusers_to_official(official_to_diffusers(state_dict), config)
+    assert_same_weights(back, state_dict)  # pos_embed too: the same float64 sin-cos table
+
+
+@pytest.mark.parametrize("layout", ["safetensors", "bin", "pipeline"])
+def test_diffusers_folder_loads_strictly_with_bitwise_equal_outputs(golden, tmp_path, layout):
+    model, data = golden
+    folder = tmp_path / "transformer" if layout == "pipeline" else tmp_path / "dit"
+    save_as_diffusers(golden, folder, safe_serialization=layout != "bin")
+    state_dict = download.find_model(str(tmp_path if layout == "pipeline" else folder))
+    loaded = DiT(**data["config"]).eval()
+    loaded.load_state_dict(state_dict, strict=True)
+    with torch.no_grad():
+        assert torch.equal(loaded(data["x"], data["t"], data["y"]), model(data["x"], data["t"], data["y"]))
+
+
+def test_folders_that_are_not_a_diffusers_dit_fail_in_one_sentence(golden, tmp_path):
+    with pytest.raises(ValueError, match=r"is a folder but not a diffusers DiT \(config.json with"):
+        download.find_model(str(tmp_path))
+    folder = tmp_path / "dit"
+    save_as_diffusers(golden, folder)
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(folder / "diffusion_pytorch_model.safetensors")
+    weights["transformer_blocks.1.norm1.emb.timestep_embedder.linear_1.bias"] += 1
+    save_file(weights, folder / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(ValueError) as error:
+        download.find_model(str(folder))
+    assert str(error.value) == f"{folder} is not a DiT in diffusers' layout: block 1's copy of t_embedder.mlp.0 differs from block 0's, which a DiT never has"
+
+
+class FakeHub:
+    """hf_hub_download served from local folders {repo: folder}; records what was asked."""
+
+    def __init__(self, repos: dict):
+        self.repos, self.requests = repos, []
+
+    def __call__(self, repo_id, filename, subfolder=None, **kwargs):
+        from huggingface_hub.errors import EntryNotFoundError
+
+        self.requests.append((repo_id, subfolder, filename))
+        path = self.repos[repo_id] / subfolder / filename
+        if not path.exists():
+            raise EntryNotFoundError(f"{filename} is not in {repo_id}")
+        return str(path)
+
+
+def test_hub_name_loads_the_transformer_subfolder_and_falls_back_to_the_bin(golden, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    save_as_diffusers(golden, tmp_path / "repo" / "transformer", safe_serialization=False)
+    hub = FakeHub({"facebook/DiT-tiny": tmp_path / "repo"})
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub)
+    assert_same_weights(download.find_model("hf:facebook/DiT-tiny"), golden[0].state_dict())
+    assert [name for *_, name in hub.requests] == ["config.json", *download.WEIGHT_FILES]
+    assert {subfolder for _, subfolder, _ in hub.requests} == {"transformer"}
+
+
+def test_hub_is_the_fallback_when_the_original_address_fails(workdir, monkeypatch, tmp_path):
+    import huggingface_hub
+
+    state_dict = make_tiny_dit(num_classes=1000)
+    model = DiT_models["DiT-S/8"](input_size=8)
+    model.load_state_dict(state_dict)
+    config = dict(num_heads=6, hidden_size=384, in_channels=4, depth=12, input_size=8, patch_size=8, num_classes=1000)
+    save_as_diffusers((model, {"config": config}), tmp_path / "repo" / "transformer")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", FakeHub({"facebook/DiT-S-8-64": tmp_path / "repo"}))
+    monkeypatch.setitem(download.HUB_REPOS, NAME, "facebook/DiT-S-8-64")
+    monkeypatch.setenv(download.BASE_URL_ENV, closed_port_url())
+    assert_same_weights(download.find_model(NAME), state_dict)
+
+
+def test_offline_with_the_hub_fallback_gives_one_sentence(workdir, monkeypatch):
+    """Real huggingface_hub, offline (tests set HF_HUB_OFFLINE) and a repo not in the cache."""
+    url = closed_port_url()
+    monkeypatch.setenv(download.BASE_URL_ENV, url)
+    monkeypatch.setitem(download.HUB_REPOS, NAME, "nobody/not-cached-dit")
+    with pytest.raises(RuntimeError) as error:
+        download.find_model(NAME)
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith(f"could not download {url}/{NAME} (") and "nor hf:nobody/not-cached-dit from the Hugging Face hub" in message
+    assert "HF_ENDPOINT" in message and "--ckpt PATH" in message
+    with pytest.raises(RuntimeError, match=r"^nobody/not-cached-dit/transformer is not in the Hugging Face cache and the hub at \S+ could not be reached"):
+        download.find_model("hf:nobody/not-cached-dit")
+
+
+def test_help_prints_help_and_downloads_nothing(tmp_path):
+    env = dict(os.environ, DIT_DOWNLOAD_URL=closed_port_url())
+    result = subprocess.run(
+        [sys.executable, str(REPO / "download.py"), "--help"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0 and result.stdout.startswith("usage: download.py")
+    assert "hf:OWNER/REPO" in result.stdout
+    assert os.listdir(tmp_path) == []

@@ -218,6 +218,30 @@ def test_no_null_row_without_dropout():
     assert model.y_embedder.embedding_table.num_embeddings == 7
 
 
+# ---------------------------------------------------------------- the original's timm layers
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_layers_equal_the_timm_layers_of_the_original(fused):
+    """The original builds PatchEmbed, Attention and Mlp from timm; ours have the same
+    parameter names and shapes and give bit-identical outputs on the same weights."""
+    vit = pytest.importorskip("timm.models.vision_transformer", reason="timm is in requirements-test.txt")
+    from models import Attention, Mlp, PatchEmbed
+
+    torch.manual_seed(0)
+    pairs = [
+        (PatchEmbed(2, 4, 48), vit.PatchEmbed(img_size=8, patch_size=2, in_chans=4, embed_dim=48, bias=True), torch.randn(3, 4, 8, 8)),
+        (Attention(48, 4, fused=fused), vit.Attention(48, num_heads=4, qkv_bias=True), torch.randn(3, 16, 48)),
+        (Mlp(48, 192), vit.Mlp(in_features=48, hidden_features=192, act_layer=lambda: torch.nn.GELU(approximate="tanh"), drop=0), torch.randn(3, 16, 48)),
+    ]
+    for ours, theirs, x in pairs:
+        theirs.fused_attn = fused  # timm picks its attention kernel from this attribute
+        randomize_(theirs.eval())
+        assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+        ours.load_state_dict(theirs.state_dict(), strict=True)
+        with torch.no_grad():
+            assert torch.equal(ours(x), theirs(x)), type(ours).__name__
+
+
 # ---------------------------------------------------------------- fast paths
 
 def test_fused_attention_matches_plain_formula():

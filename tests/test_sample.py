@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, assert_close_to_reference, load_golden, load_golden_model
+from conftest import REPO, assert_close_to_reference, load_golden, load_golden_model, make_tiny_dit
 from PIL import Image
 from torchvision.utils import save_image
 
@@ -157,6 +157,12 @@ def test_seed_sampler_guidance_and_precision_options(tiny_dit_ckpts, tiny_vae_di
         (["--sampler", "ddim", "--num-sampling-steps", "300"], "--num-sampling-steps 300 does not work with --sampler ddim"),
         (["--out", "grid"], "--out grid needs an image file extension"),
         (["--vae-path", "no-such-folder"], "--vae-path no-such-folder is not a diffusers AutoencoderKL folder"),
+        (["--cfg-scale", "nan"], "--cfg-scale must be a finite number, got nan"),
+        (["--cfg-scale", "inf"], "--cfg-scale must be a finite number, got inf"),
+        (["--num-sampling-steps", "0"], "--num-sampling-steps must lie in [1, 1000] (the training steps), got 0"),
+        (["--num-sampling-steps", "1001"], "--num-sampling-steps must lie in [1, 1000] (the training steps), got 1001"),
+        (["--num-classes", "0"], "--num-classes must be at least 1, got 0"),
+        (["--out", "missing/grid.png"], "the folder of --out missing/grid.png does not exist"),
     ],
 )
 def test_bad_input_fails_in_one_sentence_before_writing(tiny_dit_ckpts, tiny_vae_dir, tmp_path, monkeypatch, extra, message):
@@ -173,3 +179,58 @@ def test_bad_input_fails_in_one_sentence_before_writing(tiny_dit_ckpts, tiny_vae
 def test_other_models_need_a_checkpoint(tiny_vae_dir, tmp_path):
     with pytest.raises(SystemExit, match="no released checkpoint for DiT-S/8 at 64 px .*; pass --ckpt PATH"):
         sample.main(["--model", "DiT-S/8", "--image-size", "64", "--vae-path", str(tiny_vae_dir), "--out", str(tmp_path / "x.png")])
+
+
+def test_output_that_cannot_be_written_is_refused_before_loading(tiny_dit_ckpts, tiny_vae_dir, tmp_path, monkeypatch):
+    """A parent that is a file, a folder given as --out, or a read-only folder: one sentence,
+    before the checkpoint is even read."""
+    monkeypatch.setattr(sample, "load_model", lambda *args: pytest.fail("the model was loaded"))
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "folder.png").mkdir()
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    real_access = os.access
+    # As root a chmod does not stop writing; os.access is what the check asks.
+    monkeypatch.setattr(os, "access", lambda path, mode: path != str(read_only) and real_access(path, mode))
+    cases = {
+        tmp_path / "file" / "grid.png": "is a file",
+        tmp_path / "folder.png": "is a folder; pass a file name such as",
+        read_only / "grid.png": "is not writable",
+    }
+    for out, message in cases.items():
+        with pytest.raises(SystemExit) as exit_info:
+            sample.main(tiny_args(tiny_dit_ckpts, tiny_vae_dir, out))
+        text = str(exit_info.value.code)
+        assert text.startswith("sample.py: error: ") and message in text and "\n" not in text
+    assert sorted(os.listdir(tmp_path)) == ["file", "folder.png", "read_only"] and os.listdir(read_only) == []
+
+
+def test_solver_grid_is_seeded_and_differs_from_ddpm(tiny_dit_ckpts, tiny_vae_dir, cli_grid, tmp_path):
+    """--sampler dpm-solver++ --num-sampling-steps 25, as the README shows, twice with one seed."""
+    out = tmp_path / "grid.png"
+    flags = ("--sampler", "dpm-solver++", "--num-sampling-steps", "25")
+    first = run_in_process(tiny_dit_ckpts, tiny_vae_dir, out, *flags)
+    second = run_in_process(tiny_dit_ckpts, tiny_vae_dir, out, *flags)
+    other_seed = run_in_process(tiny_dit_ckpts, tiny_vae_dir, out, *flags, "--seed", "1")
+    np.testing.assert_array_equal(first, second)
+    assert first.shape == pixels(cli_grid[0]).shape and first.std() > 5
+    assert np.abs(other_seed - first).mean() > 1
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_one_sampling_step_works(tiny_dit_ckpts, tiny_vae_dir, tmp_path, sampler):
+    """Once an IndexError; one step now samples from t=999 (tests/test_solvers.py checks the values)."""
+    grid = run_in_process(tiny_dit_ckpts, tiny_vae_dir, tmp_path / "grid.png", "--num-sampling-steps", "1", "--sampler", sampler)
+    assert grid.std() > 5
+
+
+def test_a_one_class_checkpoint_samples_with_num_classes_1(tiny_vae_dir, tmp_path):
+    """Custom and unconditional checkpoints: --num-classes sizes the label table, and a label
+    the checkpoint cannot take is refused in one sentence, not by an indexing error."""
+    path = tmp_path / "one_class.pt"
+    torch.save(make_tiny_dit(num_classes=1), path)
+    ckpts = {"training": path, "model": "DiT-S/8", "image_size": 64, "num_classes": 1}
+    grid = run_in_process(ckpts, tiny_vae_dir, tmp_path / "grid.png", "--class-labels", "0", "0", "--sampler", "unipc")
+    assert grid.std() > 5
+    with pytest.raises(SystemExit, match=r"class labels must lie in \[0, 0\] for --num-classes 1, got \[1\]"):
+        sample.main(tiny_args(ckpts, tiny_vae_dir, tmp_path / "other.png", "--class-labels", "0", "1"))

@@ -1,7 +1,9 @@
 """sample_ddp.py: the .npz format, identical sets over 1 or 2 gloo processes, resuming, seeding."""
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -157,10 +159,14 @@ def test_folder_of_other_settings_is_refused_and_kept(one_process, tiny_dit_ckpt
         (["--num-fid-samples", "0"], "--num-fid-samples must be at least 1, got 0"),
         (["--global-seed", "-1"], "--global-seed must be non-negative"),
         (["--image-size", "128"], "pos_embed expected (1, 4, 384) found (1, 1, 384)"),
+        (["--cfg-scale", "nan"], "--cfg-scale must be a finite number, got nan"),
+        (["--num-sampling-steps", "0"], "--num-sampling-steps must lie in [1, 1000]"),
+        (["--per-proc-batch-size", "0"], "--per-proc-batch-size must be at least 1, got 0"),
+        (["--num-classes", "0"], "--num-classes must be at least 1, got 0"),
     ],
 )
 def test_bad_input_fails_before_creating_anything(tiny_dit_ckpts, tiny_vae_dir, tmp_path, extra, message):
-    with pytest.raises(SystemExit, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(SystemExit, match=re.escape(message)):
         sample_ddp.main(ddp_args(tiny_dit_ckpts, tiny_vae_dir, tmp_path / "samples", 4, *extra))
     assert not (tmp_path / "samples").exists()
 
@@ -173,3 +179,57 @@ def test_deal_blocks_covers_every_missing_index_once():
     for share in shares:
         for block in share:
             assert len({index // 4 for index in block}) == 1, "a model call mixes blocks"
+
+
+def test_sample_dir_that_is_a_file_is_refused(tiny_dit_ckpts, tiny_vae_dir, tmp_path):
+    (tmp_path / "samples").write_text("x")
+    for sample_dir in (tmp_path / "samples", tmp_path / "samples" / "deeper"):
+        with pytest.raises(SystemExit) as exit_info:
+            sample_ddp.main(ddp_args(tiny_dit_ckpts, tiny_vae_dir, sample_dir, 4))
+        assert str(exit_info.value.code) == (
+            f"sample_ddp.py: error: --sample-dir {sample_dir} cannot be made: {tmp_path / 'samples'} is a file"
+        )
+    assert (tmp_path / "samples").read_text() == "x"
+
+
+def test_ddpm_folders_record_no_spacing(one_process):
+    """ddpm and ddim ignore --timestep-spacing: their recipe leaves it out (None), so folders
+    sampled before the flag existed are still resumed."""
+    with open(os.path.join(one_process[0], sample_ddp.SETTINGS_FILE)) as f:
+        assert json.load(f)["timestep_spacing"] is None
+
+
+@pytest.fixture(scope="module")
+def sde_one_process(tiny_dit_ckpts, tiny_vae_dir, tmp_path_factory):
+    """The stochastic solver (noise at every step, from each image's generator), 5 images per turn."""
+    sample_dir = tmp_path_factory.mktemp("sde_one_process")
+    run([sys.executable], ddp_args(tiny_dit_ckpts, tiny_vae_dir, sample_dir, 5, "--sampler", "dpm-solver++-sde"))
+    return set_paths(sample_dir)
+
+
+def test_solver_sets_are_identical_for_any_batch_size_and_process_count(sde_one_process, one_process, tiny_dit_ckpts, tiny_vae_dir, tmp_path):
+    extra = ("--sampler", "dpm-solver++-sde")
+    run([sys.executable], ddp_args(tiny_dit_ckpts, tiny_vae_dir, tmp_path / "one", 2, *extra))
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    run(launcher, ddp_args(tiny_dit_ckpts, tiny_vae_dir, tmp_path / "two", 3, *extra))
+    reference = open(sde_one_process[1], "rb").read()
+    for sample_dir in ("one", "two"):
+        with open(set_paths(tmp_path / sample_dir)[1], "rb") as f:
+            assert f.read() == reference
+    # The solver really sampled: another set than ddpm's from the same seeds.
+    assert np.abs(np.load(sde_one_process[1])["arr_0"].astype(int) - np.load(one_process[1])["arr_0"]).mean() > 1
+
+
+def test_read_only_sample_dir_is_refused_before_loading(tiny_dit_ckpts, tiny_vae_dir, tmp_path, monkeypatch):
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    real_access = os.access
+    # As root a chmod does not stop writing; os.access is what the check asks.
+    monkeypatch.setattr(os, "access", lambda path, mode: path != str(read_only) and real_access(path, mode))
+    monkeypatch.setattr(sample_ddp, "load_model", lambda *args: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit) as exit_info:
+        sample_ddp.main(ddp_args(tiny_dit_ckpts, tiny_vae_dir, read_only / "samples", 4))
+    assert str(exit_info.value.code) == (
+        f"sample_ddp.py: error: --sample-dir {read_only / 'samples'} cannot be written: {read_only} is not writable"
+    )
+    assert os.listdir(read_only) == []
