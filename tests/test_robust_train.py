@@ -267,3 +267,9 @@ def test_training_from_features_without_sample_grids_loads_no_vae(tmp_path, stor
     assert "no VAE loaded: training from features" in log
     meta = json.loads((store32 / "meta.json").read_text())
     assert meta["vae"] in log
+
+
+def test_one_sampling_step_is_allowed_for_the_sample_grids(tmp_path, image_folder, tiny_vae_dir):
+    # 1 is inside the checked range 1..1000 and gives a grid (it used to crash at the first grid).
+    train.main(train_args(image_folder, tiny_vae_dir, tmp_path, "--max-steps", "1", "--sample-every", "1", "--sample-steps", "1"))
+    assert os.listdir(tmp_path / "000-DiT-S-8" / "samples") == ["0000001.png"]
