@@ -5,6 +5,7 @@
 
 Each run writes results/NNN-<model>/ with log.txt, metrics.jsonl, checkpoints/ and
 (with --sample-every) samples/. `--resume auto` continues the newest run of the model.
+SIGTERM or SIGUSR1 (preemption, a time limit) saves a checkpoint after the current step and exits.
 The building blocks (optimizer, EMA update, one training step) are importable.
 """
 from __future__ import annotations
@@ -44,8 +45,8 @@ from diffusion import SpacedDiffusion, create_diffusion
 from distributed import (
     DistInfo,
     all_reduce_mean,
-    cleanup_distributed,
     any_rank,
+    cleanup_distributed,
     create_logger,
     max_over_ranks,
     rng_states_of_all_ranks,
@@ -96,7 +97,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--attention", type=str, choices=("fused", "plain"), default="fused",
         help="fused: scaled_dot_product_attention; plain: the written-out formula (faster for bf16 training on CPUs)",
     )
-    parser.add_argument("--resume", type=str, default=None, help="a checkpoint to continue, or 'auto' for the newest one")
+    parser.add_argument("--resume", type=str, default=None, help="a checkpoint to continue, or 'auto' for the newest one that loads")
     return parser.parse_args(argv)
 
 
