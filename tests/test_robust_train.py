@@ -273,3 +273,13 @@ def test_one_sampling_step_is_allowed_for_the_sample_grids(tmp_path, image_folde
     # 1 is inside the checked range 1..1000 and gives a grid (it used to crash at the first grid).
     train.main(train_args(image_folder, tiny_vae_dir, tmp_path, "--max-steps", "1", "--sample-every", "1", "--sample-steps", "1"))
     assert os.listdir(tmp_path / "000-DiT-S-8" / "samples") == ["0000001.png"]
+
+
+def test_a_really_full_disk_at_the_first_checkpoint_is_one_sentence(tmp_path, image_folder, tiny_vae_dir):
+    # Results on a 1 MB tmpfs: the log and metrics fit, a DiT-S/8 checkpoint (~0.5 GB) does not.
+    with tmpfs(tmp_path / "fs", "1m") as fs:
+        with pytest.raises(SystemExit, match=rf"^cannot write checkpoint {fs}/000-DiT-S-8/checkpoints/0000002.pt: the disk is full \(.+\); free some space and run again$"):
+            train.main(train_args(image_folder, tiny_vae_dir, fs, "--max-steps", "2", "--log-every", "1"))
+        assert os.listdir(fs / "000-DiT-S-8" / "checkpoints") == []  # no temporary left behind
+        assert [m["step"] for m in read_metrics(fs / "000-DiT-S-8")] == [1, 2]
+        assert "the disk is full" in (fs / "000-DiT-S-8" / "log.txt").read_text()
