@@ -202,6 +202,18 @@ def load_newest_good_checkpoint(
     return None
 
 
+def append_record(path: str, record: dict) -> None:
+    """Append `record` to `path` (metrics.jsonl) as one JSON line; a full or read-only disk raises WriteError."""
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as error:
+        message = write_error_message(error, path, "append to")
+        if message:
+            raise WriteError(error.errno, message) from error
+        raise
+
+
 def trim_metrics(path: str, last_step: int) -> int:
     """Make `path` (metrics.jsonl) hold one record per step, up to `last_step` only.
 

@@ -11,7 +11,6 @@ The building blocks (optimizer, EMA update, one training step) are importable.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -20,6 +19,7 @@ import signal
 import time
 from copy import deepcopy
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from checkpoint import (
     WriteError,
+    append_record,
     checkpoints_newest_first,
     create_run_dir,
     load_checkpoint,
@@ -501,14 +502,18 @@ def stop_on_divergence(state: TrainState) -> None:
     raise SystemExit(message)
 
 
-def write_checkpoint_file(checkpoint: dict, path: str) -> str | None:
-    """Write the file; one logged sentence, returned, when the disk is full or read-only."""
-    try:
-        save_checkpoint(checkpoint, path)
-    except WriteError as error:
-        logger.error(str(error))
-        return str(error)
-    return None
+def stop_if_a_write_failed(write: Callable[[], None], is_main: bool, path: str) -> None:
+    """Rank 0 runs `write`; if the disk is full or read-only, every rank stops with its sentence
+    (rather than compute on, or wait forever for rank 0)."""
+    failure = None
+    if is_main:
+        try:
+            write()
+        except WriteError as error:
+            logger.error(str(error))
+            failure = str(error)
+    if any_rank(failure is not None):
+        raise SystemExit(failure or f"stopping: the first process could not write {path or 'its output'}")
 
 
 def save_training_checkpoint(run: Run, state: TrainState, stats: RunningStats) -> None:
@@ -516,15 +521,11 @@ def save_training_checkpoint(run: Run, state: TrainState, stats: RunningStats) -
     if not (stats.loss_sum_is_finite() and parameters_are_finite(run.model)):
         stop_on_divergence(state)
     rng = rng_states_of_all_ranks(run.info.device)
-    failure = None
+    path = os.path.join(run.experiment_dir, "checkpoints", f"{state.step:07d}.pt") if run.info.is_main else ""
+    stop_if_a_write_failed(lambda: save_checkpoint(training_checkpoint(run, state, rng), path), run.info.is_main, path)
     if run.info.is_main:
-        path = os.path.join(run.experiment_dir, "checkpoints", f"{state.step:07d}.pt")
-        failure = write_checkpoint_file(training_checkpoint(run, state, rng), path)
-        if failure is None:
-            logger.info(f"saved checkpoint {path}")
-            state.last_checkpoint = path
-    if any_rank(failure is not None):  # a full or read-only disk: every rank stops
-        raise SystemExit(failure or "stopping: the first process could not write the checkpoint")
+        logger.info(f"saved checkpoint {path}")
+        state.last_checkpoint = path
     state.checked_step = state.saved_step = state.step
 
 
@@ -602,9 +603,8 @@ def log_metrics(run: Run, state: TrainState, stats: RunningStats) -> None:
         + (f", unreadable images skipped so far: {stats.skipped_total}" if stats.skipped_total else "")
         + (f", fp16 steps skipped so far: {stats.skipped_steps_total}" if stats.skipped_steps_total else "")
     )
-    if run.info.is_main:
-        with open(os.path.join(run.experiment_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
+    path = os.path.join(run.experiment_dir, "metrics.jsonl") if run.info.is_main else ""
+    stop_if_a_write_failed(lambda: append_record(path, record), run.info.is_main, path)
 
 
 def save_samples(run: Run, vae: torch.nn.Module, step: int) -> None:

@@ -19,6 +19,7 @@ import torch
 import checkpoint
 from checkpoint import (
     WriteError,
+    append_record,
     checkpoints_newest_first,
     create_run_dir,
     load_checkpoint,
@@ -235,6 +236,22 @@ def test_when_no_checkpoint_loads_one_sentence_says_so(tmp_path):
         load_newest_good_checkpoint(paths, warnings.append)
     assert len(warnings) == 2
     assert load_newest_good_checkpoint([], warnings.append) is None
+
+
+def test_appending_a_record_to_a_full_disk_is_one_sentence(tmp_path):
+    with tmpfs(tmp_path / "fs", "64k") as fs:
+        path = fs / "metrics.jsonl"
+        append_record(str(path), {"step": 1, "loss": 0.5})
+        try:  # fill the disk up
+            with open(fs / "filler", "wb") as f:
+                while True:
+                    f.write(b"\0" * 4096)
+                    f.flush()
+        except OSError:
+            pass
+        with pytest.raises(WriteError, match=rf"^cannot append to {path}: the disk is full \(No space left on device\); free some space and run again$"):
+            append_record(str(path), {"step": 2, "loss": 0.5, "padding": "x" * 8192})
+        assert json.loads(path.read_text().splitlines()[0]) == {"step": 1, "loss": 0.5}
 
 
 def test_metrics_keep_one_record_per_step_up_to_the_resumed_step(tmp_path):

@@ -283,3 +283,29 @@ def test_a_really_full_disk_at_the_first_checkpoint_is_one_sentence(tmp_path, im
         assert os.listdir(fs / "000-DiT-S-8" / "checkpoints") == []  # no temporary left behind
         assert [m["step"] for m in read_metrics(fs / "000-DiT-S-8")] == [1, 2]
         assert "the disk is full" in (fs / "000-DiT-S-8" / "log.txt").read_text()
+
+
+def test_a_full_disk_at_a_metrics_line_stops_and_resume_finishes(tmp_path, image_folder, tiny_vae_dir, monkeypatch):
+    import builtins
+    import errno
+
+    import checkpoint
+
+    appends = []
+
+    def open_that_fills_up(path, mode="r", *args, **kwargs):
+        if str(path).endswith("metrics.jsonl") and mode == "a":
+            appends.append(path)
+            if len(appends) == 2:  # the record of step 2
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return builtins.open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "open", open_that_fills_up, raising=False)
+    args = train_args(image_folder, tiny_vae_dir, tmp_path, "--max-steps", "3", "--log-every", "1", "--ckpt-every", "1", "--resume", "auto")
+    with pytest.raises(SystemExit, match=r"^cannot append to .*metrics.jsonl: the disk is full \(No space left on device\); free some space and run again$"):
+        train.main(args)
+    experiment = tmp_path / "000-DiT-S-8"
+    assert os.listdir(experiment / "checkpoints") == ["0000001.pt"]  # stopped at once, not after more steps
+    monkeypatch.undo()  # space freed
+    train.main(args)
+    assert [m["step"] for m in read_metrics(experiment)] == [1, 2, 3]
