@@ -41,6 +41,7 @@ def write_error_message(error: BaseException, path: str, action: str = "write") 
 
 
 def current_umask() -> int:
+    """The process's umask (os.umask only reads it by setting it, so it is set back at once)."""
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
