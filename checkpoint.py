@@ -1,30 +1,82 @@
-"""Checkpoint I/O: atomic writes and safe (weights_only) reads with clear errors."""
+"""Run folders and checkpoint I/O: folders claimed atomically, atomic group-readable writes with
+one-sentence errors for a full or read-only disk, safe (weights_only) reads, and the recovery
+steps a resumed run takes (stale temporaries, damaged checkpoints, metrics written twice)."""
 from __future__ import annotations
 
+import errno
+import glob
+import json
 import os
+import re
 import tempfile
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
+
+TMP_PREFIX = ".tmp-"
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+NOT_WRITABLE_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)
+# What torch.save raises when the disk fills up under it (its writer checks the bytes written).
+TORCH_SHORT_WRITE_MARKERS = ("unexpected pos", "file write failed")
+RUN_NUMBER = re.compile(r"^(\d+)-")
+CHECKPOINT_NAME = re.compile(r"(\d+)\.pt")
+
+
+class WriteError(OSError):
+    """A write that failed for a full or read-only disk, with a one-sentence message."""
+
+    def __str__(self) -> str:
+        return self.strerror  # the sentence alone, without the "[Errno 28]" prefix
+
+
+def write_error_message(error: BaseException, path: str, action: str = "write") -> str | None:
+    """One sentence for a disk-full or not-writable error of `action` on `path`; None for any other error."""
+    if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS:
+        return f"cannot {action} {path}: the disk is full ({error.strerror}); free some space and run again"
+    if isinstance(error, RuntimeError) and any(marker in str(error) for marker in TORCH_SHORT_WRITE_MARKERS):
+        return f"cannot {action} {path}: the disk is full (torch.save could not write all bytes); free some space and run again"
+    if isinstance(error, OSError) and error.errno in NOT_WRITABLE_ERRNOS:
+        return f"cannot {action} {path}: the folder is read-only or not writable ({error.strerror})"
+    return None
+
+
+def current_umask() -> int:
+    """The process's umask (os.umask only reads it by setting it, so it is set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def save_checkpoint(obj: Any, path: str) -> None:
     """torch.save to a temporary file in the same folder, then rename it over `path`.
 
-    A run killed mid-write leaves the previous file intact and no half-written checkpoint.
+    A run killed mid-write leaves the previous file intact and no half-written checkpoint. The
+    file gets the mode a plain open() would give (0644 under the usual umask), so a group can
+    read it on a shared cluster. A full or read-only disk raises WriteError with one sentence;
+    the temporary file is removed and earlier checkpoints are untouched.
     """
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp_path = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".pt", dir=folder)
+    except OSError as error:
+        message = write_error_message(error, path, "write checkpoint")
+        if message:
+            raise WriteError(error.errno, message) from error
+        raise
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~current_umask())  # mkstemp creates files as 0600
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as error:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
+        message = write_error_message(error, path, "write checkpoint")
+        if message:
+            raise WriteError(errno.ENOSPC if isinstance(error, RuntimeError) else error.errno, message) from error
         raise
 
 
@@ -35,11 +87,15 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> Any:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # a damaged file can fail anywhere in the unpickler, with any error type
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(
             f"could not read checkpoint {path}: the file is corrupt, truncated or holds more than "
-            f"tensors and plain values ({first_line})"
+            f"tensors and plain values ({first_line(error)})"
         ) from error
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def model_weights(checkpoint: dict) -> dict:
@@ -57,3 +113,130 @@ def setting_differences(saved: dict, current: dict, keys: tuple[str, ...]) -> li
     return [
         f"--{key.replace('_', '-')} {saved.get(key)} (now {current.get(key)})" for key in keys if saved.get(key) != current.get(key)
     ]
+
+
+# ----------------------------------------------------------------------------------------
+# Run folders and recovery after a crash
+# ----------------------------------------------------------------------------------------
+
+
+def create_run_dir(results_dir: str, name: str) -> str:
+    """Claim results_dir/NNN-<name> with a new number, one past the highest in use.
+
+    The folder is made with an exclusive mkdir, so a folder is never reused, even by jobs that
+    start at the same moment: whoever loses the race moves on to the next number.
+    """
+    try:
+        os.makedirs(results_dir, exist_ok=True)
+        numbers = [int(match.group(1)) for entry in os.listdir(results_dir) if (match := RUN_NUMBER.match(entry))]
+        number = max(numbers, default=-1) + 1
+        while True:
+            run_dir = os.path.join(results_dir, f"{number:03d}-{name}")
+            try:
+                os.mkdir(run_dir)
+                return run_dir
+            except FileExistsError:
+                number += 1
+    except OSError as error:
+        message = write_error_message(error, results_dir, "create a run folder in")
+        if message:
+            raise WriteError(error.errno, message) from error
+        raise
+
+
+def output_folder_problem(path: str, flag: str) -> str | None:
+    """One sentence when `path` cannot become or hold an output folder (a file is in the way, or
+    the folder or its nearest existing parent is read-only); None when it can."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        return f"{flag} {path} is a file, not a folder"
+    folder = os.path.abspath(path)
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        return f"{flag} {path} cannot be made: {folder} is a file, not a folder"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"{flag} {path} is not writable ({folder} is read-only or lacks write permission)"
+    return None
+
+
+def checkpoints_newest_first(results_dir: str, name: str) -> list[str]:
+    """The checkpoints (checkpoints/<step>.pt) of every run results_dir/NNN-<name>, the newest
+    run first and, within a run, the highest step first."""
+    runs = []
+    if os.path.isdir(results_dir):
+        runs = [(int(m.group(1)), entry) for entry in os.listdir(results_dir) if (m := re.fullmatch(rf"(\d+)-{re.escape(name)}", entry))]
+    paths = []
+    for _, run in sorted(runs, reverse=True):
+        folder = os.path.join(results_dir, run, "checkpoints")
+        entries = os.listdir(folder) if os.path.isdir(folder) else []
+        steps = [(int(m.group(1)), entry) for entry in entries if (m := CHECKPOINT_NAME.fullmatch(entry))]
+        paths += [os.path.join(folder, entry) for _, entry in sorted(steps, reverse=True)]
+    return paths
+
+
+def remove_stale_temporaries(folder: str) -> list[str]:
+    """Delete the temporary files of checkpoint writes that a kill interrupted; returns their paths.
+
+    Call it before this run writes checkpoints into `folder`: a temporary is a whole checkpoint.
+    """
+    stale = sorted(glob.glob(os.path.join(glob.escape(folder), f"{TMP_PREFIX}*.pt")))
+    for path in stale:
+        os.remove(path)
+    return stale
+
+
+def load_newest_good_checkpoint(
+    paths: Sequence[str], warn: Callable[[str], None], map_location: str | torch.device = "cpu"
+) -> tuple[str, Any] | None:
+    """The first of `paths` (newest first) that loads, with its contents; None when there are none.
+
+    A file that does not load (truncated by a crash, corrupt) is skipped with one line through
+    `warn`; when none loads, ValueError says so.
+    """
+    for path in paths:
+        try:
+            return path, load_checkpoint(path, map_location)
+        except (ValueError, FileNotFoundError) as error:
+            warn(f"skipping checkpoint {path}: it does not load ({first_line(error.__cause__ or error)}), so it can be deleted")
+    if paths:
+        raise ValueError(f"none of the {len(paths)} checkpoints loads (the newest is {paths[0]}); delete them or pass --resume PATH")
+    return None
+
+
+def append_record(path: str, record: dict) -> None:
+    """Append `record` to `path` (metrics.jsonl) as one JSON line; a full or read-only disk raises WriteError."""
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as error:
+        message = write_error_message(error, path, "append to")
+        if message:
+            raise WriteError(error.errno, message) from error
+        raise
+
+
+def trim_metrics(path: str, last_step: int) -> int:
+    """Make `path` (metrics.jsonl) hold one record per step, up to `last_step` only.
+
+    A resumed run logs again every step after its checkpoint, and a kill can cut the last line;
+    those records are dropped (the file is rewritten atomically). Returns how many were dropped.
+    """
+    if not os.path.isfile(path):
+        return 0
+    with open(path) as f:
+        lines = f.read().splitlines()
+    kept, seen = [], set()
+    for line in lines:
+        try:
+            step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):  # a line cut off mid-write
+            continue
+        if isinstance(step, int) and step <= last_step and step not in seen:
+            kept.append(line)
+            seen.add(step)
+    if len(kept) < len(lines):
+        tmp_path = path + ".tmp"
+        with open(tmp_path, "w") as f:
+            f.write("".join(line + "\n" for line in kept))
+        os.replace(tmp_path, path)
+    return len(lines) - len(kept)

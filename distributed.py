@@ -47,8 +47,10 @@ def setup_distributed() -> DistInfo:
 
 
 def cleanup_distributed() -> None:
+    global _cpu_group
     if dist.is_initialized():
-        dist.destroy_process_group()
+        dist.destroy_process_group()  # destroys any_rank's gloo group too
+    _cpu_group = None
 
 
 def barrier() -> None:
@@ -106,3 +108,27 @@ def create_logger(log_dir: str | None, rank: int) -> logging.Logger:
         handler.setFormatter(formatter)
         logger.addHandler(handler)
     return logger
+
+
+_cpu_group: dist.ProcessGroup | None = None
+
+
+def max_over_ranks(value: int) -> int:
+    """The largest of every process's `value`: a collective, so every rank calls it at the same point.
+
+    It runs on the CPU (a gloo group beside nccl on GPUs), so calling it every step costs no
+    wait for the device.
+    """
+    global _cpu_group
+    if not dist.is_initialized():
+        return value
+    if _cpu_group is None:
+        _cpu_group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    tensor = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=_cpu_group)
+    return int(tensor.item())
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether `flag` is true on any process (a collective, like max_over_ranks)."""
+    return max_over_ranks(int(flag)) > 0

@@ -13,6 +13,9 @@ memory-mapped arrays. Rerun the same command after an interruption to continue.
 from __future__ import annotations
 
 import argparse
+import errno
+import os
+import shutil
 import time
 
 import numpy as np
@@ -30,11 +33,13 @@ from data import (
     read_feature_meta,
     vae_encoder_fingerprint,
 )
-from distributed import barrier, cleanup_distributed, create_logger, gather_from_all, setup_distributed
+from checkpoint import output_folder_problem, write_error_message
+from distributed import any_rank, barrier, cleanup_distributed, create_logger, gather_from_all, setup_distributed
 from vae import HUB_VAES, latent_size, load_vae
 
 # Settings that must agree between a feature folder and the run that continues or uses it.
 MATCHING_META_KEYS = ("image_size", "dtype", "count", "classes", "vae_encoder")
+FEATURE_FILES = ("mean.npy", "std.npy", "labels.npy", "done.npy")
 FLUSH_EVERY_BATCHES = 50
 LOG_EVERY_BATCHES = 20
 
@@ -103,12 +108,77 @@ def check_existing_store(path: str, meta: dict) -> bool:
     return True
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+def bytes_to_allocate(path: str, count: int, latent: int, dtype: str) -> int:
+    """Disk space the store at `path` still has to take: all of it for a new store, the blocks
+    not yet allocated for an existing one (stores made before preallocation are sparse files)."""
+    files = [os.path.join(path, name) for name in FEATURE_FILES]
+    if not all(os.path.isfile(file) for file in files):
+        return count * feature_bytes_per_image(latent, dtype)
+    return sum(max(0, os.stat(file).st_size - 512 * os.stat(file).st_blocks) for file in files)
+
+
+def check_free_space(path: str, needed: int) -> None:
+    """Exit with one sentence, before any work, when the disk that holds `path` lacks `needed` bytes."""
+    folder = os.path.abspath(path)
+    while not os.path.isdir(folder):
+        folder = os.path.dirname(folder)
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise SystemExit(
+            f"not enough disk space for the features in {path}: they need {needed:,} bytes "
+            f"({needed / 2**30:.2f} GiB) and {free:,} are free; free some space or pass another --feature-path"
+        )
+
+
+def preallocate(path: str) -> str | None:
+    """Reserve the disk blocks of the store's arrays; a sentence if that fails, else None.
+
+    Writing into a memory-mapped file on a full disk kills the process with SIGBUS ("Bus
+    error") halfway through; with the blocks reserved up front, a full disk fails here instead.
+    """
+    needed = sum(max(0, os.stat(os.path.join(path, name)).st_size) for name in FEATURE_FILES)
+    for name in FEATURE_FILES:
+        file = os.path.join(path, name)
+        try:
+            with open(file, "r+b") as f:
+                os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as error:
+            if error.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # no fallocate here: the free-space check must do
+                continue
+            if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                return f"not enough disk space for the features in {path}: they need {needed:,} bytes ({needed / 2**30:.2f} GiB); free some space or pass another --feature-path"
+            return write_error_message(error, file, "reserve disk space for") or f"cannot reserve disk space for {file} ({error})"
+    return None
+
+
+def prepare_store(path: str, meta: dict, exists: bool) -> str | None:
+    """Create the store (unless it exists) and reserve its disk space; a sentence on failure."""
+    try:
+        if not exists:
+            create_feature_store(path, meta)
+    except OSError as error:
+        return write_error_message(error, path, "create the feature folder") or f"cannot create the feature folder {path} ({error})"
+    return preallocate(path)
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Exit with one sentence on settings that cannot work, before any work starts."""
     try:
         latent_size(args.image_size)
     except ValueError as error:
         raise SystemExit(str(error)) from None
+    if args.batch_size < 1:
+        raise SystemExit(f"--batch-size must be at least 1, not {args.batch_size}")
+    if args.num_workers < 0:
+        raise SystemExit(f"--num-workers must be 0 or more, not {args.num_workers}")
+    problem = output_folder_problem(args.feature_path, "--feature-path")
+    if problem:
+        raise SystemExit(problem)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    validate_args(args)
     info = setup_distributed()
     try:
         extract(args, info)
@@ -122,11 +192,12 @@ def extract(args: argparse.Namespace, info) -> None:
         images = ImageDataset(args.data_path, args.image_size)
     except ValueError as error:
         raise SystemExit(str(error)) from None
+    latent = latent_size(args.image_size)
+    check_free_space(args.feature_path, bytes_to_allocate(args.feature_path, len(images), latent, args.dtype))
     try:
         vae = load_vae(args.vae, info.device, args.vae_path)
     except (FileNotFoundError, RuntimeError, ValueError) as error:  # load_vae's one-sentence errors
         raise SystemExit(str(error)) from None
-    latent = latent_size(args.image_size)
     meta = {
         "format": FEATURE_FORMAT,
         "image_size": args.image_size,
@@ -139,9 +210,9 @@ def extract(args: argparse.Namespace, info) -> None:
         "data_path": args.data_path,
     }
     exists = check_existing_store(args.feature_path, meta)
-    if info.is_main and not exists:
-        create_feature_store(args.feature_path, meta)
-    barrier()
+    failure = prepare_store(args.feature_path, meta, exists) if info.is_main else None
+    if any_rank(failure is not None):  # also the barrier: the store exists from here on
+        raise SystemExit(failure or "stopping: the first process could not prepare the feature folder")
 
     arrays = open_feature_arrays(args.feature_path, writable=info.is_main)
     shard = shard_of_pending(np.array(arrays["done"]), info.rank, info.world_size, args.batch_size)

@@ -7,24 +7,24 @@ Each run writes results/NNN-<model>/ with log.txt, metrics.jsonl, checkpoints/ a
 (with --sample-every) samples/. `--resume auto` continues the newest run of the model, on
 any number of processes and any --grad-accum-steps that keep the global batch;
 `--init-from CKPT` fine-tunes from other weights. train() reads top-down: set-up, then the
-loop; the building blocks (optimizer, EMA update, one training step) are importable.
+loop. SIGTERM or SIGUSR1 (preemption, a time limit) saves a checkpoint after the
+current step and exits. The building blocks (optimizer, EMA update, one training step) are importable.
 """
 from __future__ import annotations
 
 import argparse
-import glob
 import importlib.util
-import json
 import logging
 import math
 import os
 import resource
+import signal
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 from copy import deepcopy
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -33,15 +33,31 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset
 from torchvision.utils import make_grid
 
-from checkpoint import load_checkpoint, missing_entries, model_weights, save_checkpoint, setting_differences
+from checkpoint import (
+    WriteError,
+    append_record,
+    checkpoints_newest_first,
+    create_run_dir,
+    load_checkpoint,
+    load_newest_good_checkpoint,
+    missing_entries,
+    model_weights,
+    output_folder_problem,
+    remove_stale_temporaries,
+    save_checkpoint,
+    setting_differences,
+    trim_metrics,
+)
 from cli import add_compile_flag, add_data_flags, add_model_flags, add_precision_flag, add_vae_flags, make_parser
 from data import EpochSampler, FeatureDataset, ImageDataset, vae_encoder_fingerprint
 from diffusion import SpacedDiffusion, create_diffusion
 from distributed import (
     DistInfo,
     all_reduce_mean,
+    any_rank,
     cleanup_distributed,
     create_logger,
+    max_over_ranks,
     rng_states_of_all_ranks,
     setup_distributed,
 )
@@ -49,6 +65,7 @@ from images import save_grid
 from download import PRETRAINED_MODELS, download_model
 from models import DiT, DiT_models, check_state_dict
 from precision import autocast, grad_scaler, setup_precision
+from preemption import StopRequest, exit_code, ignore_stop_signals
 from sampling import denoise
 from vae import HUB_VAES, LATENT_SCALE, decode, encode, latent_size, load_vae
 
@@ -61,7 +78,9 @@ SAMPLE_CFG_SCALE = 4.0
 # Checkpoint entries a resumable checkpoint must hold (the reference's four come first).
 RESUME_KEYS = ("model", "ema", "opt", "args", "step", "epoch", "epoch_step", "world_size", "dataset_size", "rng")
 # Settings a resumed run must share with its checkpoint.
-RESUME_MATCHING_ARGS = ("model", "image_size", "num_classes", "global_batch_size", "global_seed")
+RESUME_MATCHING_ARGS = ("model", "image_size", "num_classes", "global_batch_size", "global_seed", "ema_decay")
+# The diffusion's T (paper Section 2): sample grids take 1 to T steps.
+DIFFUSION_STEPS = 1000
 
 logger = logging.getLogger("dit")
 
@@ -103,7 +122,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--attention", type=str, choices=("fused", "plain"), default="fused",
         help="fused: scaled_dot_product_attention; plain: the written-out formula (faster for bf16 training on CPUs)",
     )
-    parser.add_argument("--resume", type=str, default=None, help="a checkpoint to continue, or 'auto' for the newest one")
+    parser.add_argument("--resume", type=str, default=None, help="a checkpoint to continue, or 'auto' for the newest one that loads")
     parser.add_argument(
         "--init-from", type=str, default=None,
         help="fine-tune: start from the model and EMA weights of a checkpoint path or a released name "
@@ -291,8 +310,34 @@ def sample_images(
 # ----------------------------------------------------------------------------------------
 
 
+def validate_values(args: argparse.Namespace) -> None:
+    """Exit with one sentence on a flag value out of its range, before any folder or work."""
+    if args.data_path is not None and args.feature_path is not None:
+        raise SystemExit("pass either --data-path (images) or --feature-path (features made by extract_features.py), not both")
+    for flag, low in (("global_batch_size", 1), ("epochs", 1), ("num_classes", 1), ("log_every", 1), ("ckpt_every", 1)):
+        if getattr(args, flag) < low:
+            raise SystemExit(f"--{flag.replace('_', '-')} must be at least {low}, not {getattr(args, flag)}")
+    for flag in ("max_steps", "num_workers"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 0:
+            raise SystemExit(f"--{flag.replace('_', '-')} must be 0 or more, not {getattr(args, flag)}")
+    if args.sample_every < 0:
+        raise SystemExit(f"--sample-every must be 0 (never) or more, not {args.sample_every}")
+    if not 1 <= args.sample_steps <= DIFFUSION_STEPS:
+        raise SystemExit(f"--sample-steps must be between 1 and {DIFFUSION_STEPS} (the diffusion's steps), not {args.sample_steps}")
+    if not (math.isfinite(args.lr) and args.lr >= 0):
+        raise SystemExit(f"--lr must be a finite number of 0 or more, not {args.lr}")
+    if not 0 <= args.ema_decay <= 1:  # also refuses nan
+        raise SystemExit(f"--ema-decay must be between 0 and 1, not {args.ema_decay}")
+    problem = output_folder_problem(args.results_dir, "--results-dir")
+    if problem:
+        raise SystemExit(problem)
+    if args.feature_path is not None and os.path.exists(args.feature_path) and not os.path.isdir(args.feature_path):
+        raise SystemExit(f"--feature-path {args.feature_path} is a file, not a folder")
+
+
 def validate_args(args: argparse.Namespace, world_size: int) -> None:
     """Exit with one sentence on settings that cannot work, before any work starts."""
+    validate_values(args)
     patch_size = int(args.model.split("/")[-1])
     if args.data_path is None and args.feature_path is None:
         raise SystemExit("pass --data-path (an image folder) or --feature-path (the output of extract_features.py)")
@@ -355,29 +400,6 @@ def experiment_name(model: str) -> str:
     return model.replace("/", "-")
 
 
-def create_experiment_dir(results_dir: str, model: str) -> str:
-    """results_dir/NNN-<model>, NNN = the number of entries already in results_dir."""
-    os.makedirs(results_dir, exist_ok=True)
-    index = len(glob.glob(os.path.join(results_dir, "*")))
-    experiment_dir = os.path.join(results_dir, f"{index:03d}-{experiment_name(model)}")
-    os.makedirs(os.path.join(experiment_dir, "checkpoints"), exist_ok=True)
-    return experiment_dir
-
-
-def find_latest_checkpoint(results_dir: str, model: str) -> str | None:
-    """The last checkpoint of the newest run of `model` in results_dir that has one."""
-
-    def number(path: str) -> int:  # NNN of NNN-<model>, or the step of 0050000.pt
-        return int(os.path.basename(path).split("-")[0].split(".")[0])
-
-    runs = glob.glob(os.path.join(results_dir, f"[0-9][0-9][0-9]*-{experiment_name(model)}"))
-    for run in sorted(runs, key=number, reverse=True):
-        checkpoints = glob.glob(os.path.join(run, "checkpoints", "[0-9]*.pt"))
-        if checkpoints:
-            return max(checkpoints, key=number)
-    return None
-
-
 def check_resumable(checkpoint: dict, path: str, args: argparse.Namespace, dataset_size: int) -> None:
     """Exit with one sentence unless `checkpoint` continues this run's settings. The number of
     processes and the accumulation split may change: only the global batch decides the data order."""
@@ -385,6 +407,7 @@ def check_resumable(checkpoint: dict, path: str, args: argparse.Namespace, datas
     if missing:
         raise SystemExit(f"{path} is not a train.py checkpoint that can be resumed (it lacks {', '.join(missing)})")
     differences = setting_differences(checkpoint["args"], vars(args), RESUME_MATCHING_ARGS)
+    differences += data_differences(checkpoint["args"], args)
     saved_null_label = checkpoint["args"].get("class_dropout_prob", 0.1) > 0  # older checkpoints: the default
     if saved_null_label != (args.class_dropout_prob > 0):
         differences.append(f"{'a' if saved_null_label else 'no'} null label (--class-dropout-prob {args.class_dropout_prob} now)")
@@ -394,23 +417,52 @@ def check_resumable(checkpoint: dict, path: str, args: argparse.Namespace, datas
         raise SystemExit(f"cannot resume from {path}: it was trained with {', '.join(differences)}; resume with the same settings")
 
 
-def open_resume_checkpoint(args: argparse.Namespace, dataset_size: int) -> tuple[dict | None, str | None]:
-    """The checkpoint that --resume names (checked against the settings) and its path, or (None, None)."""
-    path = find_latest_checkpoint(args.results_dir, args.model) if args.resume == "auto" else args.resume
-    if path is None:
-        return None, None
+def data_differences(saved: dict, args: argparse.Namespace) -> list[str]:
+    """'--data-path saved (now current)' when a checkpoint was trained on another image folder or feature store."""
+    differences = []
+    for key in ("data_path", "feature_path"):
+        before, now = saved.get(key), getattr(args, key)
+        if (before and os.path.abspath(before)) != (now and os.path.abspath(now)):
+            differences.append(f"--{key.replace('_', '-')} {before} (now {now})")
+    return differences
+
+
+def open_resume_checkpoint(
+    args: argparse.Namespace, dataset_size: int, notes: list[str]
+) -> tuple[dict | None, str | None]:
+    """The checkpoint that --resume names (checked against the settings) and its path, or (None, None).
+
+    `--resume auto` takes the newest checkpoint of the model that loads: one that a crash left
+    damaged is skipped with a line in `notes`.
+    """
     try:
-        checkpoint = load_checkpoint(path, map_location="cpu")
+        if args.resume == "auto":
+            candidates = checkpoints_newest_first(args.results_dir, experiment_name(args.model))
+            found = load_newest_good_checkpoint(candidates, notes.append)
+        else:
+            found = (args.resume, load_checkpoint(args.resume, map_location="cpu")) if args.resume else None
     except ValueError as error:
         raise SystemExit(str(error)) from None
+    if found is None:
+        return None, None
+    path, checkpoint = found
     check_resumable(checkpoint, path, args, dataset_size)
     return checkpoint, path
 
 
-def open_vae(args: argparse.Namespace, dataset: FeatureDataset | ImageDataset, device: torch.device) -> torch.nn.Module | None:
-    """The VAE, where training needs it: to encode images, or to decode sample grids."""
+def open_vae(
+    args: argparse.Namespace, dataset: FeatureDataset | ImageDataset, device: torch.device, notes: list[str]
+) -> torch.nn.Module | None:
+    """The VAE, where training needs it: to encode images, or to decode sample grids.
+
+    Training from features without sample grids loads none, unless --vae-path names a local VAE
+    other than the features' own: then it is loaded (no network) to check that it matches.
+    """
     using_features = args.feature_path is not None
     needs_vae = not using_features or args.sample_every > 0
+    if not needs_vae and args.vae_path in (None, dataset.meta["vae"]):
+        notes.append(f"no VAE loaded: training from features made with {dataset.meta['vae']}, and no sample grids asked")
+        return None
     try:
         vae = load_vae(args.vae, device if needs_vae else torch.device("cpu"), args.vae_path)
     except (FileNotFoundError, RuntimeError, ValueError) as error:  # load_vae's one-sentence errors
@@ -426,7 +478,21 @@ def experiment_folder(args: argparse.Namespace, resume_path: str | None, is_main
         return None
     if resume_path is not None and os.path.basename(os.path.dirname(resume_path)) == "checkpoints":
         return os.path.dirname(os.path.dirname(os.path.abspath(resume_path)))
-    return create_experiment_dir(args.results_dir, args.model)
+    try:
+        return create_run_dir(args.results_dir, experiment_name(args.model))
+    except WriteError as error:
+        raise SystemExit(str(error)) from None
+
+
+def tidy_resumed_folder(experiment_dir: str, step: int) -> None:
+    """Remove what a killed run left: temporary checkpoint files, and metrics records after the
+    resumed step (this run logs those steps again) or cut off mid-line."""
+    stale = remove_stale_temporaries(os.path.join(experiment_dir, "checkpoints"))
+    if stale:
+        logger.info(f"removed {len(stale)} stale temporary checkpoint file(s): {', '.join(stale)}")
+    dropped = trim_metrics(os.path.join(experiment_dir, "metrics.jsonl"), step)
+    if dropped:
+        logger.info(f"metrics.jsonl: dropped {dropped} record(s) after step {step} or cut off, as this run logs those steps again")
 
 
 def seed_for_step(seed: int, step: int, rank: int) -> int:
@@ -570,6 +636,8 @@ def restore_run(run: Run, checkpoint: dict, path: str) -> TrainState:
     run.optimizer.load_state_dict(checkpoint["opt"])
     for group in run.optimizer.param_groups:
         group["lr"] = run.args.lr
+    if checkpoint["args"].get("lr") != run.args.lr:
+        logger.info(f"--lr changed from {checkpoint['args'].get('lr')} (the checkpoint's) to {run.args.lr}: continuing with {run.args.lr}")
     if run.scaler.is_enabled() and checkpoint.get("scaler"):  # the loss scale of an fp16 run
         run.scaler.load_state_dict(checkpoint["scaler"])
     step, epoch, epoch_step = checkpoint["step"], checkpoint["epoch"], checkpoint["epoch_step"]
@@ -611,14 +679,28 @@ def stop_on_divergence(state: TrainState) -> None:
     raise SystemExit(message)
 
 
+def stop_if_a_write_failed(write: Callable[[], None], is_main: bool, path: str) -> None:
+    """Rank 0 runs `write`; if the disk is full or read-only, every rank stops with its sentence
+    (rather than compute on, or wait forever for rank 0)."""
+    failure = None
+    if is_main:
+        try:
+            write()
+        except WriteError as error:
+            logger.error(str(error))
+            failure = str(error)
+    if any_rank(failure is not None):
+        raise SystemExit(failure or f"stopping: the first process could not write {path or 'its output'}")
+
+
 def save_training_checkpoint(run: Run, state: TrainState, stats: RunningStats) -> None:
     """Every rank checks the weights and hands in its RNG state; rank 0 writes the file."""
     if not (stats.loss_sum_is_finite() and parameters_are_finite(run.model)):
         stop_on_divergence(state)
     rng = rng_states_of_all_ranks(run.info.device)
+    path = os.path.join(run.experiment_dir, "checkpoints", f"{state.step:07d}.pt") if run.info.is_main else ""
+    stop_if_a_write_failed(lambda: save_checkpoint(training_checkpoint(run, state, rng), path), run.info.is_main, path)
     if run.info.is_main:
-        path = os.path.join(run.experiment_dir, "checkpoints", f"{state.step:07d}.pt")
-        save_checkpoint(training_checkpoint(run, state, rng), path)
         logger.info(f"saved checkpoint {path}")
         state.last_checkpoint = path
     state.checked_step = state.saved_step = state.step
@@ -698,9 +780,8 @@ def log_metrics(run: Run, state: TrainState, stats: RunningStats) -> None:
         + (f", unreadable images skipped so far: {stats.skipped_total}" if stats.skipped_total else "")
         + (f", fp16 steps skipped so far: {stats.skipped_steps_total}" if stats.skipped_steps_total else "")
     )
-    if run.info.is_main:
-        with open(os.path.join(run.experiment_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
+    path = os.path.join(run.experiment_dir, "metrics.jsonl") if run.info.is_main else ""
+    stop_if_a_write_failed(lambda: append_record(path, record), run.info.is_main, path)
     if run.tensorboard is not None:
         for name, value in record.items():
             if name != "step":
@@ -759,6 +840,7 @@ def make_loader(dataset: Dataset, args: argparse.Namespace, info: DistInfo) -> t
         pin_memory=info.device.type == "cuda",
         drop_last=True,
         persistent_workers=args.num_workers > 0,
+        worker_init_fn=ignore_stop_signals,  # the training process stops them at a step boundary
         # A private generator: making loader iterators must not consume the global RNG.
         generator=torch.Generator().manual_seed(args.global_seed),
     )
@@ -777,9 +859,22 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     info = setup_distributed()
     try:
-        train(args, info)
+        with StopRequest() as stop:
+            train(args, info, stop)
     finally:
         cleanup_distributed()
+
+
+def stop_on_signal(run: Run, state: TrainState, stats: RunningStats, signal_number: int) -> None:
+    """Save this step (unless just saved) and exit as the signal would have (128 + its number),
+    saying how to continue. Every rank calls it at the same step (see max_over_ranks)."""
+    if state.saved_step != state.step:
+        save_training_checkpoint(run, state, stats)
+    logger.info(
+        f"stopped by {signal.Signals(signal_number).name} after step {state.step}: "
+        f"saved checkpoint {state.last_checkpoint}; continue with --resume auto"
+    )
+    raise SystemExit(exit_code(signal_number))
 
 
 def set_up(args: argparse.Namespace, info: DistInfo) -> tuple[Run, TrainState, Dataset, torch.nn.Module | None]:
@@ -789,8 +884,9 @@ def set_up(args: argparse.Namespace, info: DistInfo) -> tuple[Run, TrainState, D
     args.precision, precision_note = setup_precision(args.precision, info.device)  # `auto` -> what it chose
     torch.manual_seed(args.global_seed * info.world_size + info.rank)
     dataset = open_dataset(args)
-    checkpoint, resume_path = open_resume_checkpoint(args, len(dataset))
-    vae = open_vae(args, dataset, info.device)
+    notes: list[str] = []  # said once the logger exists
+    checkpoint, resume_path = open_resume_checkpoint(args, len(dataset), notes)
+    vae = open_vae(args, dataset, info.device, notes)
 
     run = build_run(args, info, len(dataset))
     fine_tune = args.init_from is not None and checkpoint is None
@@ -801,6 +897,8 @@ def set_up(args: argparse.Namespace, info: DistInfo) -> tuple[Run, TrainState, D
     logger.info(f"experiment folder {run.experiment_dir}; {info.world_size} process(es) on {info.device}; arguments {vars(args)}")
     if precision_note:
         logger.info(precision_note)
+    for note in notes:
+        logger.info(note)
     if args.resume == "auto" and resume_path is None:
         logger.info(f"--resume auto found no checkpoint of {args.model} in {args.results_dir}: starting a new run")
     if args.init_from is not None and not fine_tune:
@@ -815,11 +913,13 @@ def set_up(args: argparse.Namespace, info: DistInfo) -> tuple[Run, TrainState, D
         init_from(run, args.init_from, *initial)
     if checkpoint is not None:
         state = restore_run(run, checkpoint, resume_path)
+        if info.is_main:
+            tidy_resumed_folder(run.experiment_dir, state.step)
         restore_rng_state(checkpoint, state.step, info, args.global_seed)  # after everything that draws numbers
     return run, state, dataset, vae
 
 
-def train(args: argparse.Namespace, info: DistInfo) -> None:
+def train(args: argparse.Namespace, info: DistInfo, stop: StopRequest) -> None:
     run, state, dataset, vae = set_up(args, info)
     ema, device = run.ema.eval(), info.device
     train_model = wrap_for_training(run.model, args, device)
@@ -858,6 +958,8 @@ def train(args: argparse.Namespace, info: DistInfo) -> None:
                 log_metrics(run, state, stats)
             if state.step % args.ckpt_every == 0:
                 save_training_checkpoint(run, state, stats)
+            if signal_number := max_over_ranks(stop.signal_number):  # SIGTERM or SIGUSR1 on any rank
+                stop_on_signal(run, state, stats, signal_number)
             if args.sample_every and state.step % args.sample_every == 0:
                 save_samples(run, vae, state.step)
             if state.step >= max_steps:

@@ -1,0 +1,70 @@
+"""Stop requests from a cluster scheduler, turned into a clean stop at a step boundary.
+
+SIGTERM is what preemption and `scancel` send (SLURM sends SIGKILL after KillWait, 30 s by
+default); SIGUSR1 is what `sbatch --signal=USR1@120` sends ahead of the time limit. While a
+`StopRequest` is active these signals only set a flag; the training loop checks it after each
+step (agreeing over ranks with `distributed.max_over_ranks`), saves a checkpoint and exits.
+
+torchrun forwards SIGTERM to its workers (and waits --shutdown-timeout, 30 s, before SIGKILL);
+it forwards SIGUSR1 only with `--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1`.
+"""
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StopRequest:
+    """Context manager that catches STOP_SIGNALS; `requested` says whether one arrived.
+
+    Data-loader workers need `ignore_stop_signals` as their worker_init_fn: torch resets their
+    SIGTERM handler, and a scheduler signals every process of the job.
+    """
+
+    def __init__(self, signals: tuple[signal.Signals, ...] = STOP_SIGNALS):
+        self.signals = signals
+        self.received: signal.Signals | None = None
+        self.previous: dict[signal.Signals, object] = {}
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
+            for sig in self.signals:
+                self.previous[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous.clear()
+
+    def handle(self, signum: int, frame: FrameType | None) -> None:
+        self.received = signal.Signals(signum)
+
+    @property
+    def requested(self) -> bool:
+        return self.received is not None
+
+    @property
+    def signal_number(self) -> int:
+        """The number of the signal received, 0 if none (to agree over ranks with max_over_ranks)."""
+        return int(self.received) if self.received is not None else 0
+
+
+def exit_code(signal_number: int) -> int:
+    """128 + the signal number, as a shell reports a process the signal ended (143 for SIGTERM)."""
+    return 128 + signal_number
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader worker_init_fn: a loader worker ignores STOP_SIGNALS.
+
+    A scheduler signals every process of the job; a worker killed by it makes the training
+    process fail mid-step ("DataLoader worker is killed by signal"). The training process
+    instead stops at the end of the step and shuts its workers down (they also exit by
+    themselves when it dies).
+    """
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
