@@ -38,8 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_sampling_flags(parser, cfg_scale=4.0)
     add_precision_flag(parser, default="fp32")
     add_compile_flag(parser)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--class-labels", type=int, nargs="+", default=DEFAULT_LABELS)
+    parser.add_argument("--seed", type=int, default=0, help="seeds the starting latent and the sampler's noise")
+    parser.add_argument("--class-labels", type=int, nargs="+", default=DEFAULT_LABELS, help="one image per label, in grid order")
     parser.add_argument("--out", type=str, default="sample.png", help="image file to write the grid to")
     return parser.parse_args(argv)
 

@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_model_flags(parser)
     add_vae_flags(parser, default="ema")
     add_sampling_flags(parser, cfg_scale=1.5)
-    parser.add_argument("--sample-dir", type=str, default="samples")
+    parser.add_argument("--sample-dir", type=str, default="samples", help="the PNG folder and the .npz go here, named after the settings")
     parser.add_argument(
         "--per-proc-batch-size", type=int, default=32,
         help="images a process takes on at a time, in whole blocks of --micro-batch-size; changes no pixel",
@@ -64,8 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--micro-batch-size", type=int, default=32,
         help="images per model call; part of the recipe (float rounding depends on it); raise it for throughput",
     )
-    parser.add_argument("--num-fid-samples", type=int, default=50_000)
-    parser.add_argument("--global-seed", type=int, default=0)
+    parser.add_argument("--num-fid-samples", type=int, default=50_000, help="images in the set (the .npz holds exactly this many)")
+    parser.add_argument("--global-seed", type=int, default=0, help="image i's latent, label and noise come from (seed, i) alone")
     parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True, help="shorthand for --precision tf32 / fp32")
     add_precision_flag(parser, default=None)
     add_compile_flag(parser)

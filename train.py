@@ -89,32 +89,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = make_parser("Train a class-conditional DiT.")
     add_data_flags(parser, required=False)
     parser.add_argument("--feature-path", type=str, default=None, help="train from extract_features.py output instead of images")
-    parser.add_argument("--results-dir", type=str, default="results")
+    parser.add_argument("--results-dir", type=str, default="results", help="each run gets a new folder NNN-<model> here")
     add_model_flags(parser)
     parser.add_argument(
         "--class-dropout-prob", type=float, default=0.1,
         help="labels replaced by the null label in training, for classifier-free guidance (paper Section 3.1); "
         "0 gives no null label (with --num-classes 1: unconditional training)",
     )
-    parser.add_argument("--epochs", type=int, default=1400)
+    parser.add_argument("--epochs", type=int, default=1400, help="passes over the data (the run also stops at --max-steps)")
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in total")
-    parser.add_argument("--global-batch-size", type=int, default=256)
+    parser.add_argument("--global-batch-size", type=int, default=256, help="images per optimizer step over all processes (paper: 256)")
     parser.add_argument(
         "--grad-accum-steps", type=int, default=1,
         help="split each process's share of a global batch into this many micro-batches (one backward pass each)",
     )
-    parser.add_argument("--global-seed", type=int, default=0)
+    parser.add_argument("--global-seed", type=int, default=0, help="seeds the data order and every random draw")
     add_vae_flags(parser, default="ema")
-    parser.add_argument("--log-every", type=int, default=100)
-    parser.add_argument("--ckpt-every", type=int, default=50_000)
+    parser.add_argument("--log-every", type=int, default=100, help="steps between log lines and metrics.jsonl records")
+    parser.add_argument("--ckpt-every", type=int, default=50_000, help="steps between checkpoints (a stop signal also writes one)")
     parser.add_argument("--sample-every", type=int, default=0, help="save an EMA sample grid every N steps (0: never)")
     parser.add_argument("--sample-steps", type=int, default=50, help="DDPM steps for the sample grids")
     parser.add_argument(
         "--tensorboard", action="store_true",
         help="also write the metrics and sample grids as TensorBoard events to <experiment>/tensorboard (needs tensorboard)",
     )
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--ema-decay", type=float, default=0.9999)
+    parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate, constant, no weight decay (paper Section 4)")
+    parser.add_argument("--ema-decay", type=float, default=0.9999, help="decay of the EMA weights that sampling uses")
     add_precision_flag(parser, default="tf32")
     parser.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to save memory")
     add_compile_flag(parser)
