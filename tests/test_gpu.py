@@ -28,6 +28,7 @@ from PIL import Image
 import train
 from conftest import REPO, make_tiny_dit
 from diffusion import create_diffusion
+from distributed import cleanup_distributed, max_over_ranks
 from models import DiT_models
 from precision import autocast, configure_precision, grad_scaler
 
@@ -98,16 +99,16 @@ def test_train_from_images_tf32_resumes_bitwise_with_the_cuda_rng_state(tmp_path
 
 
 def test_cuda_rng_state_is_saved_and_restored():
-    from distributed import rng_states_of_all_ranks  # train.py had it before its top-down rewrite
+    from distributed import DistInfo, rng_states_of_all_ranks
 
     device = torch.device("cuda")
     torch.manual_seed(3)
     torch.randn(5, device=device)
-    states = rng_states_of_all_ranks(device)
+    checkpoint = {"world_size": 1, "rng": rng_states_of_all_ranks(device)}  # what train.py saves
     expected = torch.randn(1000, device=device)
     torch.manual_seed(99)
     torch.randn(7, device=device)
-    train.restore_rng_state(states, 0, device)
+    train.restore_rng_state(checkpoint, 0, DistInfo(rank=0, local_rank=0, world_size=1, device=device), seed=0)
     assert torch.equal(torch.randn(1000, device=device), expected)
 
 
@@ -127,9 +128,11 @@ def plain_steps(model: torch.nn.Module, device: torch.device, precision: str):
 
     def step() -> None:
         latents, labels, skipped = train.batch_to_device(batch, None, True, device)
+        stats.add_skipped(skipped)
         loss, _, skipped_step = train.training_step(model, diffusion, optimizer, latents, labels, precision, False, scaler)
         train.update_ema(ema, raw, 0.9999)
-        stats.add(loss, skipped, skipped_step)
+        stats.add(loss, skipped_step)
+        max_over_ranks(0)  # the loop's stop-signal agreement: a CPU collective beside nccl
 
     return step, stats
 
@@ -178,7 +181,7 @@ def test_plain_ddp_training_steps_do_not_synchronise():
         step, stats = plain_steps(model, device, "fp32")
         run_without_sync(step, warmup=11)
     finally:
-        dist.destroy_process_group()
+        cleanup_distributed()  # also forgets max_over_ranks' gloo group
     assert torch.isfinite(stats.loss) and stats.steps == 14
 
 
