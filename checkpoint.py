@@ -9,7 +9,8 @@ import json
 import os
 import re
 import tempfile
-from typing import Any, Callable, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -40,6 +41,19 @@ def write_error_message(error: BaseException, path: str, action: str = "write") 
     return None
 
 
+@contextmanager
+def one_sentence_write_errors(path: str, action: str) -> Iterator[None]:
+    """Turn a disk-full or not-writable error raised inside into a WriteError with one sentence
+    about `action` on `path`; any other error passes unchanged."""
+    try:
+        yield
+    except (OSError, RuntimeError) as error:
+        message = write_error_message(error, path, action)
+        if message is None:
+            raise
+        raise WriteError(error.errno if isinstance(error, OSError) else errno.ENOSPC, message) from error
+
+
 def current_umask() -> int:
     """The process's umask (os.umask only reads it by setting it, so it is set back at once)."""
     mask = os.umask(0o022)
@@ -56,28 +70,20 @@ def save_checkpoint(obj: Any, path: str) -> None:
     the temporary file is removed and earlier checkpoints are untouched.
     """
     folder = os.path.dirname(os.path.abspath(path))
-    try:
+    with one_sentence_write_errors(path, "write checkpoint"):
         os.makedirs(folder, exist_ok=True)
         fd, tmp_path = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".pt", dir=folder)
-    except OSError as error:
-        message = write_error_message(error, path, "write checkpoint")
-        if message:
-            raise WriteError(error.errno, message) from error
-        raise
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o666 & ~current_umask())  # mkstemp creates files as 0600
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException as error:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        message = write_error_message(error, path, "write checkpoint")
-        if message:
-            raise WriteError(errno.ENOSPC if isinstance(error, RuntimeError) else error.errno, message) from error
-        raise
+        try:
+            with os.fdopen(fd, "wb") as f:
+                os.fchmod(f.fileno(), 0o666 & ~current_umask())  # mkstemp creates files as 0600
+                torch.save(obj, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp_path, path)
+        except BaseException:
+            if os.path.exists(tmp_path):
+                os.remove(tmp_path)
+            raise
 
 
 def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> Any:
@@ -126,7 +132,7 @@ def create_run_dir(results_dir: str, name: str) -> str:
     The folder is made with an exclusive mkdir, so a folder is never reused, even by jobs that
     start at the same moment: whoever loses the race moves on to the next number.
     """
-    try:
+    with one_sentence_write_errors(results_dir, "create a run folder in"):
         os.makedirs(results_dir, exist_ok=True)
         numbers = [int(match.group(1)) for entry in os.listdir(results_dir) if (match := RUN_NUMBER.match(entry))]
         number = max(numbers, default=-1) + 1
@@ -137,11 +143,6 @@ def create_run_dir(results_dir: str, name: str) -> str:
                 return run_dir
             except FileExistsError:
                 number += 1
-    except OSError as error:
-        message = write_error_message(error, results_dir, "create a run folder in")
-        if message:
-            raise WriteError(error.errno, message) from error
-        raise
 
 
 def output_folder_problem(path: str, flag: str) -> str | None:
@@ -205,14 +206,8 @@ def load_newest_good_checkpoint(
 
 def append_record(path: str, record: dict) -> None:
     """Append `record` to `path` (metrics.jsonl) as one JSON line; a full or read-only disk raises WriteError."""
-    try:
-        with open(path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-    except OSError as error:
-        message = write_error_message(error, path, "append to")
-        if message:
-            raise WriteError(error.errno, message) from error
-        raise
+    with one_sentence_write_errors(path, "append to"), open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 def trim_metrics(path: str, last_step: int) -> int:
