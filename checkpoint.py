@@ -145,14 +145,20 @@ def create_run_dir(results_dir: str, name: str) -> str:
                 number += 1
 
 
+def nearest_existing(path: str) -> str:
+    """`path` made absolute, or its nearest ancestor that exists (the folder a new one would go in)."""
+    folder = os.path.abspath(path)
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    return folder
+
+
 def output_folder_problem(path: str, flag: str) -> str | None:
     """One sentence when `path` cannot become or hold an output folder (a file is in the way, or
     the folder or its nearest existing parent is read-only); None when it can."""
     if os.path.exists(path) and not os.path.isdir(path):
         return f"{flag} {path} is a file, not a folder"
-    folder = os.path.abspath(path)
-    while not os.path.exists(folder):
-        folder = os.path.dirname(folder)
+    folder = nearest_existing(path)
     if not os.path.isdir(folder):
         return f"{flag} {path} cannot be made: {folder} is a file, not a folder"
     if not os.access(folder, os.W_OK | os.X_OK):

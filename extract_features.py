@@ -33,7 +33,7 @@ from data import (
     read_feature_meta,
     vae_encoder_fingerprint,
 )
-from checkpoint import output_folder_problem, write_error_message
+from checkpoint import nearest_existing, output_folder_problem, write_error_message
 from distributed import any_rank, barrier, cleanup_distributed, create_logger, gather_from_all, setup_distributed
 from vae import HUB_VAES, latent_size, load_vae
 
@@ -119,10 +119,7 @@ def bytes_to_allocate(path: str, count: int, latent: int, dtype: str) -> int:
 
 def check_free_space(path: str, needed: int) -> None:
     """Exit with one sentence, before any work, when the disk that holds `path` lacks `needed` bytes."""
-    folder = os.path.abspath(path)
-    while not os.path.isdir(folder):
-        folder = os.path.dirname(folder)
-    free = shutil.disk_usage(folder).free
+    free = shutil.disk_usage(nearest_existing(path)).free
     if free < needed:
         raise SystemExit(
             f"not enough disk space for the features in {path}: they need {needed:,} bytes "

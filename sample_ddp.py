@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from diffusion import SpacedDiffusion
 from distributed import all_gather_objects, barrier, cleanup_distributed, setup_distributed
 from images import to_uint8
+from checkpoint import output_folder_problem
 from cli import (
     add_compile_flag, add_model_flags, add_precision_flag, add_sampling_flags, add_vae_flags, check_sampling_flags, make_parser,
 )
@@ -82,14 +83,9 @@ def check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     if args.global_seed < 0:
         raise ValueError(f"--global-seed must be non-negative, got {args.global_seed}")
-    # The nearest folder that exists on the way to --sample-dir must be one we can write into.
-    existing = os.path.abspath(args.sample_dir)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise NotADirectoryError(f"--sample-dir {args.sample_dir} cannot be made: {existing} is a file")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise PermissionError(f"--sample-dir {args.sample_dir} cannot be written: {existing} is not writable")
+    problem = output_folder_problem(args.sample_dir, "--sample-dir")
+    if problem:
+        raise ValueError(problem)
 
 
 def sample_folder(args: argparse.Namespace) -> str:

@@ -185,12 +185,16 @@ def test_deal_blocks_covers_every_missing_index_once():
 
 def test_sample_dir_that_is_a_file_is_refused(tiny_dit_ckpts, tiny_vae_dir, tmp_path):
     (tmp_path / "samples").write_text("x")
-    for sample_dir in (tmp_path / "samples", tmp_path / "samples" / "deeper"):
+    expected = {
+        tmp_path / "samples": f"--sample-dir {tmp_path / 'samples'} is a file, not a folder",
+        tmp_path / "samples" / "deeper": (
+            f"--sample-dir {tmp_path / 'samples' / 'deeper'} cannot be made: {tmp_path / 'samples'} is a file, not a folder"
+        ),
+    }
+    for sample_dir, message in expected.items():
         with pytest.raises(SystemExit) as exit_info:
             sample_ddp.main(ddp_args(tiny_dit_ckpts, tiny_vae_dir, sample_dir, 4))
-        assert str(exit_info.value.code) == (
-            f"sample_ddp.py: error: --sample-dir {sample_dir} cannot be made: {tmp_path / 'samples'} is a file"
-        )
+        assert str(exit_info.value.code) == f"sample_ddp.py: error: {message}"
     assert (tmp_path / "samples").read_text() == "x"
 
 
@@ -232,7 +236,7 @@ def test_read_only_sample_dir_is_refused_before_loading(tiny_dit_ckpts, tiny_vae
     with pytest.raises(SystemExit) as exit_info:
         sample_ddp.main(ddp_args(tiny_dit_ckpts, tiny_vae_dir, read_only / "samples", 4))
     assert str(exit_info.value.code) == (
-        f"sample_ddp.py: error: --sample-dir {read_only / 'samples'} cannot be written: {read_only} is not writable"
+        f"sample_ddp.py: error: --sample-dir {read_only / 'samples'} is not writable ({read_only} is read-only or lacks write permission)"
     )
     assert os.listdir(read_only) == []
 
