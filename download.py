@@ -27,7 +27,7 @@ import urllib.request
 import torch
 from tqdm.auto import tqdm
 
-from checkpoint import load_checkpoint, model_weights
+from checkpoint import first_line, load_checkpoint, model_weights
 from diffusers_format import WEIGHT_FILES, is_diffusers_folder, load_diffusers_folder
 from models import DiT_models, check_state_dict
 
@@ -100,7 +100,7 @@ def hub_model(spec: str) -> dict[str, torch.Tensor]:
             f"reached (offline, or HF_HUB_OFFLINE set); set HF_ENDPOINT to a mirror, or pass --ckpt PATH to a local checkpoint or diffusers folder"
         ) from error
     except (OSError, EntryNotFoundError, HFValidationError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = first_line(error)
         raise RuntimeError(
             f"could not fetch {repo}/{subfolder} from the Hugging Face hub ({reason}); "
             f"pass --ckpt PATH to a local checkpoint or diffusers folder"

@@ -18,7 +18,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class StopRequest:
-    """Context manager that catches STOP_SIGNALS; `requested` says whether one arrived.
+    """Context manager that catches STOP_SIGNALS; `received` holds the one that arrived (None until then).
 
     Data-loader workers need `ignore_stop_signals` as their worker_init_fn: torch resets their
     SIGTERM handler, and a scheduler signals every process of the job.
@@ -42,10 +42,6 @@ class StopRequest:
 
     def handle(self, signum: int, frame: FrameType | None) -> None:
         self.received = signal.Signals(signum)
-
-    @property
-    def requested(self) -> bool:
-        return self.received is not None
 
     @property
     def signal_number(self) -> int:

@@ -21,7 +21,7 @@ from checkpoint import load_checkpoint, model_weights
 from download import PRETRAINED_MODELS, find_model
 from models import DiT, DiT_models, check_state_dict
 from precision import autocast
-from solvers import DEFAULT_SPACING, SOLVERS, Solver, create_solver
+from solvers import DEFAULT_SPACING, SOLVERS, Solver, make_scheduler
 from vae import latent_size
 
 # The reference's two loops, then diffusers' solvers (solvers.py).
@@ -129,7 +129,7 @@ def create_sampler(num_steps: int, sampler: str, timestep_spacing: str = DEFAULT
     if not 1 <= num_steps <= 1000:
         raise ValueError(f"--num-sampling-steps must lie in [1, 1000], got {num_steps}")
     if sampler in SOLVERS:
-        return create_solver(sampler, num_steps, timestep_spacing)
+        return Solver(sampler, num_steps, make_scheduler(sampler, timestep_spacing))
     respacing = f"ddim{num_steps}" if sampler == "ddim" else str(num_steps)
     try:
         return create_diffusion(respacing)

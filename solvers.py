@@ -92,8 +92,3 @@ class Solver:
             x = scheduler.step(eps, t, x, **noise).prev_sample
         return x
 
-
-def create_solver(name: str, num_steps: int, timestep_spacing: str = DEFAULT_SPACING) -> Solver:
-    if not 1 <= num_steps <= TRAIN_STEPS:
-        raise ValueError(f"--num-sampling-steps must lie in [1, {TRAIN_STEPS}], got {num_steps}")
-    return Solver(name, num_steps, make_scheduler(name, timestep_spacing))

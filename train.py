@@ -66,7 +66,7 @@ from download import PRETRAINED_MODELS, download_model
 from models import DiT, DiT_models, check_state_dict
 from precision import autocast, grad_scaler, setup_precision
 from preemption import StopRequest, exit_code, ignore_stop_signals
-from sampling import denoise
+from sampling import LABEL_TABLE, denoise
 from vae import HUB_VAES, LATENT_SCALE, decode, encode, latent_size, load_vae
 
 if TYPE_CHECKING:  # an optional dependency, imported with --tensorboard only
@@ -314,9 +314,9 @@ def validate_values(args: argparse.Namespace) -> None:
     """Exit with one sentence on a flag value out of its range, before any folder or work."""
     if args.data_path is not None and args.feature_path is not None:
         raise SystemExit("pass either --data-path (images) or --feature-path (features made by extract_features.py), not both")
-    for flag, low in (("global_batch_size", 1), ("epochs", 1), ("num_classes", 1), ("log_every", 1), ("ckpt_every", 1)):
-        if getattr(args, flag) < low:
-            raise SystemExit(f"--{flag.replace('_', '-')} must be at least {low}, not {getattr(args, flag)}")
+    for flag in ("global_batch_size", "grad_accum_steps", "epochs", "num_classes", "log_every", "ckpt_every"):
+        if getattr(args, flag) < 1:
+            raise SystemExit(f"--{flag.replace('_', '-')} must be at least 1, not {getattr(args, flag)}")
     for flag in ("max_steps", "num_workers"):
         if getattr(args, flag) is not None and getattr(args, flag) < 0:
             raise SystemExit(f"--{flag.replace('_', '-')} must be 0 or more, not {getattr(args, flag)}")
@@ -341,9 +341,6 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     patch_size = int(args.model.split("/")[-1])
     if args.data_path is None and args.feature_path is None:
         raise SystemExit("pass --data-path (an image folder) or --feature-path (the output of extract_features.py)")
-    for flag in ("log_every", "ckpt_every", "sample_steps", "grad_accum_steps", "num_classes"):
-        if getattr(args, flag) < 1:
-            raise SystemExit(f"--{flag.replace('_', '-')} must be at least 1")
     if args.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise SystemExit("--tensorboard needs the tensorboard package, which is not installed: pip install tensorboard")
     if not 0 <= args.class_dropout_prob < 1:
@@ -600,7 +597,7 @@ def fitted_initial_weights(run: Run, source: str) -> tuple[dict, dict, str | Non
     a note when the label table keeps its fresh initialisation: for another number of classes,
     the other weights carry over, as in fine-tuning a classifier on new classes."""
     model_state, ema_state = initial_weights(source)
-    table = "y_embedder.embedding_table.weight"
+    table = LABEL_TABLE
     new_table, old_table = run.model.state_dict()[table], model_state.get(table)
     relabel = old_table is not None and old_table.shape != new_table.shape and old_table.shape[1:] == new_table.shape[1:]
     if relabel:
