@@ -10,7 +10,7 @@ import os
 import re
 import tempfile
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Sequence
+from typing import IO, Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -84,6 +84,21 @@ def save_checkpoint(obj: Any, path: str) -> None:
             if os.path.exists(tmp_path):
                 os.remove(tmp_path)
             raise
+
+
+@contextmanager
+def atomic_open(path: str, mode: str = "w") -> Iterator[IO]:
+    """A file that appears at `path` whole or not at all: written as path + ".tmp", renamed over
+    `path` when the block ends, removed when it fails (a killed run leaves no half-written file)."""
+    tmp_path = path + ".tmp"
+    try:
+        with open(tmp_path, mode) as f:
+            yield f
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
 
 
 def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> Any:
@@ -236,8 +251,6 @@ def trim_metrics(path: str, last_step: int) -> int:
             kept.append(line)
             seen.add(step)
     if len(kept) < len(lines):
-        tmp_path = path + ".tmp"
-        with open(tmp_path, "w") as f:
+        with atomic_open(path) as f:
             f.write("".join(line + "\n" for line in kept))
-        os.replace(tmp_path, path)
     return len(lines) - len(kept)

@@ -35,6 +35,7 @@ from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3 as WEI
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 from tqdm.auto import tqdm
 
+from checkpoint import atomic_open
 from cli import make_parser
 from distributed import default_device
 from precision import configure_precision
@@ -224,10 +225,8 @@ def compute_activations(path: str, model: torch.nn.Module, device: torch.device,
 def save_activations(acts: Activations, path: str) -> None:
     """Write an activation file atomically; stored FID statistics of the images travel with it."""
     arrays = {"pool": acts.pool, "spatial": acts.spatial, "softmax": acts.softmax, **(acts.stats or {})}
-    tmp_path = path + ".tmp"
-    with open(tmp_path, "wb") as f:
+    with atomic_open(path, "wb") as f:
         np.savez(f, **arrays)
-    os.replace(tmp_path, path)
 
 
 def activation_path(image_path: str) -> str:
@@ -400,10 +399,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"Inception Score: {scores['inception_score']}\nFID: {scores['fid']}\nsFID: {scores['sfid']}")
     print(f"Precision: {scores['precision']}\nRecall: {scores['recall']}")
     if args.json is not None:
-        tmp_path = args.json + ".tmp"
-        with open(tmp_path, "w") as f:
+        with atomic_open(args.json) as f:
             json.dump(scores, f, indent=2)
-        os.replace(tmp_path, args.json)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from diffusion import SpacedDiffusion
 from distributed import all_gather_objects, barrier, cleanup_distributed, setup_distributed
 from images import to_uint8
-from checkpoint import output_folder_problem
+from checkpoint import atomic_open, output_folder_problem
 from cli import (
     add_compile_flag, add_model_flags, add_precision_flag, add_sampling_flags, add_vae_flags, check_sampling_flags, make_parser,
 )
@@ -123,9 +123,8 @@ def check_settings(folder: str, args: argparse.Namespace, is_main: bool) -> None
                 f"pass another --sample-dir or remove the folder"
             )
     elif is_main:  # written whole, so that the other processes never read half a file
-        with open(path + ".tmp", "w") as f:
+        with atomic_open(path) as f:
             json.dump(wanted, f, indent=2)
-        os.replace(path + ".tmp", path)
 
 
 def png_path(folder: str, index: int) -> str:
@@ -203,25 +202,23 @@ def sample_block(
 
 def save_png(pixels: np.ndarray, path: str) -> None:
     """Write through a temporary file so that a killed run leaves no half-written PNG."""
-    tmp_path = path + ".tmp"
-    Image.fromarray(pixels).save(tmp_path, format="PNG")
-    os.replace(tmp_path, path)
+    with atomic_open(path, "wb") as f:
+        Image.fromarray(pixels).save(f, format="PNG")
 
 
 def write_npz(folder: str, num_samples: int, image_size: int) -> str:
     """<folder>.npz with arr_0 (N, H, W, 3) uint8, streamed one PNG at a time (a 50K set is
     ~10 GB at 256 px) into the same layout as np.savez."""
     path = f"{folder}.npz"
-    tmp_path = path + ".tmp"
     header = {"descr": "|u1", "fortran_order": False, "shape": (num_samples, image_size, image_size, 3)}
     # A fixed timestamp makes equal sample sets give byte-identical files.
     entry = zipfile.ZipInfo("arr_0.npy", date_time=(1980, 1, 1, 0, 0, 0))
-    with zipfile.ZipFile(tmp_path, "w") as archive, archive.open(entry, "w", force_zip64=True) as f:
-        np.lib.format.write_array_header_1_0(f, header)
-        for index in tqdm(range(num_samples), desc="writing .npz", unit="img"):
-            with Image.open(png_path(folder, index)) as image:
-                f.write(np.asarray(image.convert("RGB"), dtype=np.uint8).tobytes())
-    os.replace(tmp_path, path)
+    with atomic_open(path, "wb") as file, zipfile.ZipFile(file, "w") as archive:
+        with archive.open(entry, "w", force_zip64=True) as f:
+            np.lib.format.write_array_header_1_0(f, header)
+            for index in tqdm(range(num_samples), desc="writing .npz", unit="img"):
+                with Image.open(png_path(folder, index)) as image:
+                    f.write(np.asarray(image.convert("RGB"), dtype=np.uint8).tobytes())
     return path
 
 
