@@ -35,10 +35,10 @@ from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3 as WEI
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 from tqdm.auto import tqdm
 
-from checkpoint import atomic_open
-from cli import make_parser
-from distributed import default_device
-from precision import configure_precision
+from util.files import atomic_open
+from util.flags import make_parser
+from util.distributed import default_device
+from util.precision import configure_precision
 
 POOL_DIM, SOFTMAX_DIM = 2048, 1008
 # sFID: the first 7 channels of the 17 x 17 map `mixed_6/conv`, flattened in (H, W, C) order.

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cli import add_data_flags, add_vae_flags, make_parser
-from data import (
+from util.flags import add_data_flags, add_vae_flags, make_parser
+from util.data import (
     FEATURE_DTYPES,
     FEATURE_FORMAT,
     ImageDataset,
@@ -33,9 +33,9 @@ from data import (
     read_feature_meta,
     vae_encoder_fingerprint,
 )
-from checkpoint import nearest_existing, output_folder_problem, write_error_message
-from distributed import any_rank, barrier, cleanup_distributed, create_logger, gather_from_all, setup_distributed
-from vae import HUB_VAES, latent_size, load_vae
+from util.files import nearest_existing, output_folder_problem, write_error_message
+from util.distributed import any_rank, barrier, cleanup_distributed, create_logger, gather_from_all, setup_distributed
+from util.vae import HUB_VAES, latent_size, load_vae
 
 # Settings that must agree between a feature folder and the run that continues or uses it.
 MATCHING_META_KEYS = ("image_size", "dtype", "count", "classes", "vae_encoder")

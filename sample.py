@@ -17,16 +17,29 @@ import sys
 import torch
 from PIL import Image
 
-from cli import (
-    add_compile_flag, add_model_flags, add_precision_flag, add_sampling_flags, add_vae_flags, check_sampling_flags, make_parser,
+from util.flags import (
+    add_compile_flag,
+    add_model_flags,
+    add_precision_flag,
+    add_sampling_flags,
+    add_vae_flags,
+    check_sampling_flags,
+    make_parser,
 )
-from distributed import default_device
-from images import save_grid
-from precision import setup_precision
-from sampling import (
-    SETUP_ERRORS, check_labels, compile_for_sampling, create_sampler, denoise, guidance_scale, has_null_label, load_model,
+from util.distributed import default_device
+from util.images import save_grid
+from util.precision import setup_precision
+from util.sampling import (
+    SETUP_ERRORS,
+    check_labels,
+    compile_for_sampling,
+    create_sampler,
+    denoise,
+    guidance_scale,
+    has_null_label,
+    load_model,
 )
-from vae import decode, latent_size, load_vae
+from util.vae import decode, latent_size, load_vae
 
 DEFAULT_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]
 

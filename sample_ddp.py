@@ -31,17 +31,23 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from diffusion import SpacedDiffusion
-from distributed import all_gather_objects, barrier, cleanup_distributed, setup_distributed
-from images import to_uint8
-from checkpoint import atomic_open, output_folder_problem
-from cli import (
-    add_compile_flag, add_model_flags, add_precision_flag, add_sampling_flags, add_vae_flags, check_sampling_flags, make_parser,
+from util.distributed import all_gather_objects, barrier, cleanup_distributed, setup_distributed
+from util.images import to_uint8
+from util.files import atomic_open, output_folder_problem
+from util.flags import (
+    add_compile_flag,
+    add_model_flags,
+    add_precision_flag,
+    add_sampling_flags,
+    add_vae_flags,
+    check_sampling_flags,
+    make_parser,
 )
 from models import DiT
-from precision import setup_precision
-from sampling import SETUP_ERRORS, compile_for_sampling, create_sampler, denoise, guidance_scale, load_model
-from solvers import Solver
-from vae import decode, latent_size, load_vae
+from util.precision import setup_precision
+from util.sampling import SETUP_ERRORS, compile_for_sampling, create_sampler, denoise, guidance_scale, load_model
+from diffusion.solvers import Solver
+from util.vae import decode, latent_size, load_vae
 
 SETTINGS_FILE = "sampling_settings.json"
 # The flags that decide the pixels: a folder's PNGs are only reused when all of them agree.

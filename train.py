@@ -33,25 +33,21 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset
 from torchvision.utils import make_grid
 
-from checkpoint import (
-    WriteError,
-    append_record,
+from util.files import WriteError, append_record, create_run_dir, output_folder_problem, trim_metrics
+from util.checkpoints import (
     checkpoints_newest_first,
-    create_run_dir,
     load_checkpoint,
     load_newest_good_checkpoint,
     missing_entries,
     model_weights,
-    output_folder_problem,
     remove_stale_temporaries,
     save_checkpoint,
     setting_differences,
-    trim_metrics,
 )
-from cli import add_compile_flag, add_data_flags, add_model_flags, add_precision_flag, add_vae_flags, make_parser
-from data import EpochSampler, FeatureDataset, ImageDataset, vae_encoder_fingerprint
+from util.flags import add_compile_flag, add_data_flags, add_model_flags, add_precision_flag, add_vae_flags, make_parser
+from util.data import EpochSampler, FeatureDataset, ImageDataset, vae_encoder_fingerprint
 from diffusion import SpacedDiffusion, create_diffusion
-from distributed import (
+from util.distributed import (
     DistInfo,
     all_reduce_mean,
     any_rank,
@@ -61,13 +57,13 @@ from distributed import (
     rng_states_of_all_ranks,
     setup_distributed,
 )
-from images import save_grid
-from download import PRETRAINED_MODELS, download_model
+from util.images import save_grid
+from util.pretrained import PRETRAINED_MODELS, download_model
 from models import DiT, DiT_models, check_state_dict
-from precision import autocast, grad_scaler, setup_precision
-from preemption import StopRequest, exit_code, ignore_stop_signals
-from sampling import LABEL_TABLE, denoise
-from vae import HUB_VAES, LATENT_SCALE, decode, encode, latent_size, load_vae
+from util.precision import autocast, grad_scaler, setup_precision
+from util.stop_signals import StopRequest, exit_code, ignore_stop_signals
+from util.sampling import LABEL_TABLE, denoise
+from util.vae import HUB_VAES, LATENT_SCALE, decode, encode, latent_size, load_vae
 
 if TYPE_CHECKING:  # an optional dependency, imported with --tensorboard only
     from torch.utils.tensorboard import SummaryWriter

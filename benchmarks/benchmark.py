@@ -1,6 +1,6 @@
 """Throughput of DiT training and sampling, side by side for several speed settings.
 
-  python benchmarks/benchmark.py --model DiT-S/2 --image-size 256 --batch-size 8 \
+  python -m benchmarks.benchmark --model DiT-S/2 --image-size 256 --batch-size 8 \
       --variants reference fp32 bf16 bf16+compile --e2e images:fp32 features:bf16 --json out.json
 
 A variant is a precision (auto, fp32, tf32, bf16, fp16; `auto` is resolved on the device as
@@ -47,13 +47,12 @@ from copy import deepcopy
 from typing import Callable
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from diffusion import create_diffusion  # noqa: E402
-from models import DiT_models  # noqa: E402
+from diffusion import create_diffusion
+from models import DiT_models
 
 VARIANT_PRECISIONS = ("auto", "fp32", "tf32", "bf16", "fp16")
 MODIFIERS = ("compile", "plain-attn", "loop-opt", "ckpt")
@@ -105,7 +104,7 @@ def hardware(device: torch.device) -> dict:
     them, native bf16, threads, the GPU and versions."""
     import diffusers
 
-    from precision import cpu_has_native_bf16, has_native_bf16
+    from util.precision import cpu_has_native_bf16, has_native_bf16
 
     info = {
         "cpu": cpu_model(),
@@ -224,7 +223,7 @@ def random_batch(args: argparse.Namespace, batch: int, device: torch.device) -> 
 
 def training_setup(args: argparse.Namespace, spec: dict, device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], None]:
     """A function running one training step (forward, backward, AdamW, EMA) on a batch."""
-    from precision import grad_scaler
+    from util.precision import grad_scaler
     from train import build_optimizer, compile_for_training, training_step, update_ema
 
     model = build_model(args, spec, device).train()
@@ -356,7 +355,7 @@ def time_by_kind(events, kind: str) -> str:
 
 
 def measure_sample(args: argparse.Namespace, spec: dict, device: torch.device) -> dict:
-    from sampling import compile_for_sampling, denoise
+    from util.sampling import compile_for_sampling, denoise
 
     model = build_model(args, spec, device).eval().requires_grad_(False)
     if spec["compile"]:
@@ -376,7 +375,7 @@ def measure_sample(args: argparse.Namespace, spec: dict, device: torch.device) -
 
 def measure_decode(args: argparse.Namespace, device: torch.device) -> float:
     """Seconds to decode one latent with the (fp32) VAE, from a batch of at most 16."""
-    from vae import decode
+    from util.vae import decode
 
     vae = load_benchmark_vae(args, device)
     batch = min(16, args.sample_batch_size or args.batch_size)
@@ -389,7 +388,7 @@ def load_benchmark_vae(args: argparse.Namespace, device: torch.device):
     """The VAE of --vae-path, else the SD-VAE architecture with random weights."""
     from diffusers.models import AutoencoderKL
 
-    from vae import load_vae
+    from util.vae import load_vae
 
     if args.vae_path:
         return load_vae("ema", device, args.vae_path)
@@ -399,7 +398,7 @@ def load_benchmark_vae(args: argparse.Namespace, device: torch.device):
 
 def run_variant(args: argparse.Namespace, variant: str) -> dict:
     """Measure one variant in this process (called in a fresh child process)."""
-    from precision import configure_precision, resolve_precision
+    from util.precision import configure_precision, resolve_precision
     from train import peak_memory_mb
 
     spec = parse_variant(variant)
@@ -419,8 +418,8 @@ def run_variant(args: argparse.Namespace, variant: str) -> dict:
 
 def run_in_child(variant: str, *extra: str) -> dict:
     """run_variant in a fresh process; a failure (out of memory, say) becomes an `error` record."""
-    command = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], *extra, "--child", variant]
-    result = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    command = [sys.executable, "-m", "benchmarks.benchmark", *sys.argv[1:], *extra, "--child", variant]
+    result = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     if result.returncode != 0:
         sys.stderr.write(result.stderr)
         last = (result.stderr.strip().splitlines() or ["no output"])[-1]

@@ -45,7 +45,7 @@ timeout "$TEST_LIMIT_S" "$PYTHON" -m pytest -m gpu -v -p no:cacheprovider --cont
 test_status=${PIPESTATUS[0]}
 
 # 3. The benchmark; it writes benchmark.json/.md after every variant, so a cut-short run keeps what it measured.
-timeout "$BENCHMARK_LIMIT_S" "$PYTHON" benchmarks/benchmark.py --model DiT-XL/2 --image-size 256 \
+timeout "$BENCHMARK_LIMIT_S" "$PYTHON" -m benchmarks.benchmark --model DiT-XL/2 --image-size 256 \
   --variants bf16 bf16+ckpt --find-max-batch --batch-size 32 --max-batch-limit 1024 --warmup 2 --repeats 5 \
   --sample-batch-size 128 --sample-steps 5 --profile "$OUT" \
   --e2e features:bf16 --e2e-batch-size 64 --e2e-images 128 --e2e-steps 20 --e2e-log-every 10 --num-workers 4 \

@@ -14,12 +14,11 @@ import torch
 
 from conftest import REPO
 
-sys.path.insert(0, str(REPO / "benchmarks"))
-import benchmark  # noqa: E402
-from benchmark import (  # noqa: E402
+from benchmarks import benchmark
+from benchmarks.benchmark import (
     batch_fits, forward_macs, hardware, hardware_line, largest_fitting_batch, parse_variant, peak_tflops_of, train_mfu,
 )
-from precision import cpu_has_native_bf16, resolve_precision  # noqa: E402
+from util.precision import cpu_has_native_bf16, resolve_precision
 
 
 # Forward GFLOPs per image as the DiT paper counts them (multiply-adds), at 256 px unless noted.
@@ -78,11 +77,11 @@ def test_hardware_record_names_the_gpu(monkeypatch, capability, native):
 def test_report_names_the_machine_and_resolves_auto(tmp_path):
     out = tmp_path / "out"
     command = [
-        sys.executable, str(REPO / "benchmarks" / "benchmark.py"), "--model", "DiT-S/8", "--image-size", "64",
+        sys.executable, "-m", "benchmarks.benchmark", "--model", "DiT-S/8", "--image-size", "64",
         "--batch-size", "2", "--variants", "auto", "--measure", "train", "--warmup", "0", "--repeats", "1",
         "--device", "cpu", "--out-dir", str(out), "--json", str(tmp_path / "extra.json"),
     ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "benchmark.json").read_text())
     assert report == json.loads((tmp_path / "extra.json").read_text())

@@ -8,8 +8,8 @@ from PIL import Image
 from torch.utils.data import DistributedSampler
 
 from conftest import make_image_folder
-from data import EpochSampler, FeatureDataset, ImageDataset, create_feature_store, feature_bytes_per_image, to_rgb
-from images import center_crop_arr
+from util.data import EpochSampler, FeatureDataset, ImageDataset, create_feature_store, feature_bytes_per_image, to_rgb
+from util.images import center_crop_arr
 
 
 @pytest.mark.parametrize("size,world_size", [(24, 1), (24, 2), (10, 4)])

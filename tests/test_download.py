@@ -1,4 +1,4 @@
-"""download.find_model against a loopback HTTP server: fetch, resume, corrupt files, offline."""
+"""pretrained.find_model against a loopback HTTP server: fetch, resume, corrupt files, offline."""
 from __future__ import annotations
 
 import io
@@ -15,7 +15,8 @@ import torch
 from conftest import REPO, load_golden_model, make_tiny_dit
 
 import download
-from diffusers_format import diffusers_to_official, official_to_diffusers
+from util import pretrained
+from util.diffusers_format import diffusers_to_official, official_to_diffusers
 from models import DiT, DiT_models
 
 # A stand-in for a released checkpoint: DiT-S/8 for a latent of 8 with the default 1000 classes.
@@ -77,8 +78,8 @@ def released() -> tuple[dict, bytes]:
 def workdir(tmp_path, monkeypatch, server):
     """Run in an empty folder, with NAME registered as a released checkpoint served by `server`."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setitem(download.PRETRAINED_MODELS, NAME, ("DiT-S/8", 8))
-    monkeypatch.setenv(download.BASE_URL_ENV, server.url)
+    monkeypatch.setitem(pretrained.PRETRAINED_MODELS, NAME, ("DiT-S/8", 8))
+    monkeypatch.setenv(pretrained.BASE_URL_ENV, server.url)
     return tmp_path
 
 
@@ -92,22 +93,28 @@ def assert_same_weights(actual: dict, expected: dict) -> None:
         assert torch.equal(actual[key], expected[key]), key
 
 
+def test_the_download_script_exports_the_loader():
+    from download import find_model
+
+    assert find_model is pretrained.find_model
+
+
 def test_default_address_is_the_official_one(monkeypatch):
-    monkeypatch.delenv(download.BASE_URL_ENV, raising=False)
-    assert download.pretrained_url("DiT-XL-2-256x256.pt") == "https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt"
-    assert set(download.PRETRAINED_MODELS) == {"DiT-XL-2-256x256.pt", "DiT-XL-2-512x512.pt"}
+    monkeypatch.delenv(pretrained.BASE_URL_ENV, raising=False)
+    assert pretrained.pretrained_url("DiT-XL-2-256x256.pt") == "https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt"
+    assert set(pretrained.PRETRAINED_MODELS) == {"DiT-XL-2-256x256.pt", "DiT-XL-2-512x512.pt"}
 
 
 def test_downloads_once_into_pretrained_models(workdir, server, released):
     state_dict, data = released
     serve(server, data)
-    assert_same_weights(download.find_model(NAME), state_dict)
+    assert_same_weights(pretrained.find_model(NAME), state_dict)
     path = workdir / "pretrained_models" / NAME
     assert path.read_bytes() == data
     assert sorted(os.listdir(path.parent)) == [NAME]  # no .part left behind
     assert server.requests == [None]
 
-    assert_same_weights(download.find_model(NAME), state_dict)
+    assert_same_weights(pretrained.find_model(NAME), state_dict)
     assert server.requests == [None], "a present file must not be downloaded again"
 
 
@@ -115,7 +122,7 @@ def test_cut_off_transfer_is_resumed_with_a_range_request(workdir, server, relea
     state_dict, data = released
     serve(server, data)
     server.cuts = 1
-    assert_same_weights(download.find_model(NAME), state_dict)
+    assert_same_weights(pretrained.find_model(NAME), state_dict)
     assert server.requests == [None, f"bytes={len(data) // 2}-"]
     assert (workdir / "pretrained_models" / NAME).read_bytes() == data
 
@@ -125,7 +132,7 @@ def test_partial_file_of_an_earlier_run_is_resumed(workdir, server, released):
     serve(server, data)
     (workdir / "pretrained_models").mkdir()
     (workdir / "pretrained_models" / f"{NAME}.part").write_bytes(data[:1000])
-    assert_same_weights(download.find_model(NAME), state_dict)
+    assert_same_weights(pretrained.find_model(NAME), state_dict)
     assert server.requests == ["bytes=1000-"]
 
 
@@ -135,7 +142,7 @@ def test_server_without_ranges_starts_over(workdir, server, released):
     server.ranges = False
     (workdir / "pretrained_models").mkdir()
     (workdir / "pretrained_models" / f"{NAME}.part").write_bytes(b"x" * 1000)
-    assert_same_weights(download.find_model(NAME), state_dict)
+    assert_same_weights(pretrained.find_model(NAME), state_dict)
     assert (workdir / "pretrained_models" / NAME).read_bytes() == data
 
 
@@ -146,7 +153,7 @@ def test_corrupt_download_is_set_aside_with_a_clear_message(workdir, server, tin
     data = garbage if content == "garbage" else tiny_dit_ckpts["bare"].read_bytes()
     serve(server, data)
     with pytest.raises(ValueError) as error:
-        download.find_model(NAME)
+        pretrained.find_model(NAME)
     message = str(error.value)
     assert f"{server.url}/{NAME}" in message and "--ckpt PATH" in message
     if content == "wrong model":
@@ -160,7 +167,7 @@ def test_corrupt_file_already_in_place_is_named(workdir, server):
     (workdir / "pretrained_models").mkdir()
     (workdir / "pretrained_models" / NAME).write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match=f"delete pretrained_models/{NAME} to download it again"):
-        download.find_model(NAME)
+        pretrained.find_model(NAME)
     assert server.requests == []
 
 
@@ -173,9 +180,9 @@ def closed_port_url() -> str:
 
 def test_offline_gives_one_sentence_naming_the_address_and_the_local_path(workdir, monkeypatch):
     url = closed_port_url()
-    monkeypatch.setenv(download.BASE_URL_ENV, url)
+    monkeypatch.setenv(pretrained.BASE_URL_ENV, url)
     with pytest.raises(RuntimeError) as error:
-        download.find_model(NAME)
+        pretrained.find_model(NAME)
     message = str(error.value)
     assert "\n" not in message
     assert f"could not download {url}/{NAME}" in message
@@ -186,18 +193,18 @@ def test_offline_gives_one_sentence_naming_the_address_and_the_local_path(workdi
 
 def test_http_error_names_the_status(workdir, server):
     with pytest.raises(RuntimeError, match=f"could not download {server.url}/{NAME} \\(HTTP Error 404"):
-        download.find_model(NAME)
+        pretrained.find_model(NAME)
 
 
 def test_local_checkpoint_gives_its_ema_weights(tiny_dit_ckpts):
     ema = torch.load(tiny_dit_ckpts["bare"], weights_only=True)
-    assert_same_weights(download.find_model(str(tiny_dit_ckpts["training"])), ema)
-    assert_same_weights(download.find_model(str(tiny_dit_ckpts["bare"])), ema)
+    assert_same_weights(pretrained.find_model(str(tiny_dit_ckpts["training"])), ema)
+    assert_same_weights(pretrained.find_model(str(tiny_dit_ckpts["bare"])), ema)
 
 
 def test_missing_local_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist; pass --ckpt PATH"):
-        download.find_model(str(tmp_path / "nope.pt"))
+        pretrained.find_model(str(tmp_path / "nope.pt"))
 
 
 def test_cli_reports_an_impossible_download_in_one_line(tmp_path):
@@ -267,7 +274,7 @@ def test_diffusers_folder_loads_strictly_with_bitwise_equal_outputs(golden, tmp_
     model, data = golden
     folder = tmp_path / "transformer" if layout == "pipeline" else tmp_path / "dit"
     save_as_diffusers(golden, folder, safe_serialization=layout != "bin")
-    state_dict = download.find_model(str(tmp_path if layout == "pipeline" else folder))
+    state_dict = pretrained.find_model(str(tmp_path if layout == "pipeline" else folder))
     loaded = DiT(**data["config"]).eval()
     loaded.load_state_dict(state_dict, strict=True)
     with torch.no_grad():
@@ -276,7 +283,7 @@ def test_diffusers_folder_loads_strictly_with_bitwise_equal_outputs(golden, tmp_
 
 def test_folders_that_are_not_a_diffusers_dit_fail_in_one_sentence(golden, tmp_path):
     with pytest.raises(ValueError, match=r"is a folder but not a diffusers DiT \(config.json with"):
-        download.find_model(str(tmp_path))
+        pretrained.find_model(str(tmp_path))
     folder = tmp_path / "dit"
     save_as_diffusers(golden, folder)
     from safetensors.torch import load_file, save_file
@@ -285,7 +292,7 @@ def test_folders_that_are_not_a_diffusers_dit_fail_in_one_sentence(golden, tmp_p
     weights["transformer_blocks.1.norm1.emb.timestep_embedder.linear_1.bias"] += 1
     save_file(weights, folder / "diffusion_pytorch_model.safetensors")
     with pytest.raises(ValueError) as error:
-        download.find_model(str(folder))
+        pretrained.find_model(str(folder))
     assert str(error.value) == f"{folder} is not a DiT in diffusers' layout: block 1's copy of t_embedder.mlp.0 differs from block 0's, which a DiT never has"
 
 
@@ -311,8 +318,8 @@ def test_hub_name_loads_the_transformer_subfolder_and_falls_back_to_the_bin(gold
     save_as_diffusers(golden, tmp_path / "repo" / "transformer", safe_serialization=False)
     hub = FakeHub({"facebook/DiT-tiny": tmp_path / "repo"})
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub)
-    assert_same_weights(download.find_model("hf:facebook/DiT-tiny"), golden[0].state_dict())
-    assert [name for *_, name in hub.requests] == ["config.json", *download.WEIGHT_FILES]
+    assert_same_weights(pretrained.find_model("hf:facebook/DiT-tiny"), golden[0].state_dict())
+    assert [name for *_, name in hub.requests] == ["config.json", *pretrained.WEIGHT_FILES]
     assert {subfolder for _, subfolder, _ in hub.requests} == {"transformer"}
 
 
@@ -325,24 +332,24 @@ def test_hub_is_the_fallback_when_the_original_address_fails(workdir, monkeypatc
     config = dict(num_heads=6, hidden_size=384, in_channels=4, depth=12, input_size=8, patch_size=8, num_classes=1000)
     save_as_diffusers((model, {"config": config}), tmp_path / "repo" / "transformer")
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", FakeHub({"facebook/DiT-S-8-64": tmp_path / "repo"}))
-    monkeypatch.setitem(download.HUB_REPOS, NAME, "facebook/DiT-S-8-64")
-    monkeypatch.setenv(download.BASE_URL_ENV, closed_port_url())
-    assert_same_weights(download.find_model(NAME), state_dict)
+    monkeypatch.setitem(pretrained.HUB_REPOS, NAME, "facebook/DiT-S-8-64")
+    monkeypatch.setenv(pretrained.BASE_URL_ENV, closed_port_url())
+    assert_same_weights(pretrained.find_model(NAME), state_dict)
 
 
 def test_offline_with_the_hub_fallback_gives_one_sentence(workdir, monkeypatch):
     """Real huggingface_hub, offline (tests set HF_HUB_OFFLINE) and a repo not in the cache."""
     url = closed_port_url()
-    monkeypatch.setenv(download.BASE_URL_ENV, url)
-    monkeypatch.setitem(download.HUB_REPOS, NAME, "nobody/not-cached-dit")
+    monkeypatch.setenv(pretrained.BASE_URL_ENV, url)
+    monkeypatch.setitem(pretrained.HUB_REPOS, NAME, "nobody/not-cached-dit")
     with pytest.raises(RuntimeError) as error:
-        download.find_model(NAME)
+        pretrained.find_model(NAME)
     message = str(error.value)
     assert "\n" not in message
     assert message.startswith(f"could not download {url}/{NAME} (") and "nor hf:nobody/not-cached-dit from the Hugging Face hub" in message
     assert "HF_ENDPOINT" in message and "--ckpt PATH" in message
     with pytest.raises(RuntimeError, match=r"^nobody/not-cached-dit/transformer is not in the Hugging Face cache and the hub at \S+ could not be reached"):
-        download.find_model("hf:nobody/not-cached-dit")
+        pretrained.find_model("hf:nobody/not-cached-dit")
 
 
 def test_help_prints_help_and_downloads_nothing(tmp_path):

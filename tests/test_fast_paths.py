@@ -13,7 +13,7 @@ from torch._inductor import config as inductor_config
 from conftest import load_golden, load_golden_model, randomize_
 from diffusion import create_diffusion
 from models import DiT
-from sampling import compile_for_sampling
+from util.sampling import compile_for_sampling
 from train import build_optimizer, compile_for_training
 
 

@@ -15,9 +15,9 @@ import torch
 import extract_features
 import train
 from conftest import make_image_folder
-from data import FeatureDataset, ImageDataset, feature_bytes_per_image, open_feature_arrays
+from util.data import FeatureDataset, ImageDataset, feature_bytes_per_image, open_feature_arrays
 from test_train import TINY, read_metrics, run_script
-from vae import LATENT_SCALE, load_vae
+from util.vae import LATENT_SCALE, load_vae
 
 
 def extract_args(data: Path, vae: Path, out: Path, *extra: str) -> list[str]:

@@ -28,9 +28,9 @@ from PIL import Image
 import train
 from conftest import REPO, make_tiny_dit
 from diffusion import create_diffusion
-from distributed import cleanup_distributed, max_over_ranks
+from util.distributed import cleanup_distributed, max_over_ranks
 from models import DiT_models
-from precision import autocast, configure_precision, grad_scaler
+from util.precision import autocast, configure_precision, grad_scaler
 
 pytestmark = pytest.mark.gpu
 
@@ -99,7 +99,7 @@ def test_train_from_images_tf32_resumes_bitwise_with_the_cuda_rng_state(tmp_path
 
 
 def test_cuda_rng_state_is_saved_and_restored():
-    from distributed import DistInfo, rng_states_of_all_ranks
+    from util.distributed import DistInfo, rng_states_of_all_ranks
 
     device = torch.device("cuda")
     torch.manual_seed(3)

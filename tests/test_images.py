@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from conftest import DATA
-from images import center_crop_arr, save_grid, to_uint8
+from util.images import center_crop_arr, save_grid, to_uint8
 
 CROPS = np.load(DATA / "center_crop.npz")
 

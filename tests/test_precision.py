@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import precision
+from util import precision
 import train
 from diffusion import create_diffusion
 from models import DiT_models

@@ -16,21 +16,17 @@ from pathlib import Path
 import pytest
 import torch
 
-import checkpoint
-from checkpoint import (
-    WriteError,
-    append_record,
+from util import checkpoints as checkpoint
+from util.files import WriteError, append_record, create_run_dir, output_folder_problem, trim_metrics
+from util.checkpoints import (
     checkpoints_newest_first,
-    create_run_dir,
     load_checkpoint,
     load_newest_good_checkpoint,
-    output_folder_problem,
     remove_stale_temporaries,
     save_checkpoint,
-    trim_metrics,
 )
 from conftest import REPO
-from preemption import StopRequest, exit_code
+from util.stop_signals import StopRequest, exit_code
 
 # ----------------------------------------------------------------------------------------
 # Small real file systems: a full disk and a read-only one (tmpfs; needs root)

@@ -157,7 +157,7 @@ def test_a_new_run_never_reuses_a_folder(tmp_path, image_folder, tiny_vae_dir):
 
 
 def test_checkpoints_are_group_readable(three_checkpoints):
-    from checkpoint import current_umask
+    from util.files import current_umask
 
     paths = list((three_checkpoints / "000-DiT-S-8" / "checkpoints").iterdir())
     assert len(paths) == 3 and all(path.stat().st_mode & 0o777 == 0o666 & ~current_umask() for path in paths)
@@ -172,7 +172,7 @@ def test_a_read_only_results_folder_is_one_sentence_before_any_work(tmp_path, im
 
 
 def test_a_full_disk_at_a_checkpoint_is_one_sentence_and_keeps_the_previous_one(tmp_path, image_folder, tiny_vae_dir, monkeypatch):
-    import checkpoint
+    from util import checkpoints as checkpoint
 
     real_save = torch.save
     calls = []
@@ -290,7 +290,7 @@ def test_a_full_disk_at_a_metrics_line_stops_and_resume_finishes(tmp_path, image
     import builtins
     import errno
 
-    import checkpoint
+    from util import files as checkpoint
 
     appends = []
 

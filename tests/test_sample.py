@@ -15,9 +15,9 @@ from torchvision.utils import save_image
 import sample
 from diffusion import create_diffusion
 from models import DiT, DiT_models
-from precision import configure_precision
-from sampling import LABEL_TABLE, create_sampler, denoise
-from vae import load_vae
+from util.precision import configure_precision
+from util.sampling import LABEL_TABLE, create_sampler, denoise
+from util.vae import load_vae
 
 STEPS = 5
 LABELS = [0, 1, 2, 3, 4]

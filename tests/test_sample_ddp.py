@@ -17,8 +17,8 @@ from test_sample import unconditional_checkpoints
 
 import sample_ddp
 from models import DiT_models
-from sampling import create_sampler, denoise
-from vae import decode, load_vae
+from util.sampling import create_sampler, denoise
+from util.vae import decode, load_vae
 
 NUM_IMAGES = 7
 STEPS = 5

@@ -7,8 +7,8 @@ import torch
 from conftest import load_golden_model
 
 from diffusion import SpacedDiffusion, gd
-from sampling import create_sampler, denoise
-from solvers import SOLVERS, TIMESTEP_SPACINGS, Solver, make_scheduler
+from util.sampling import create_sampler, denoise
+from diffusion.solvers import SOLVERS, TIMESTEP_SPACINGS, Solver, make_scheduler
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CFG_SCALE = 4.0

@@ -76,7 +76,7 @@ def test_one_process_run_writes_the_experiment_folder(five_steps):
 
 
 def test_checkpoint_format_and_loaders(five_steps):
-    from download import find_model
+    from util.pretrained import find_model
 
     path = five_steps / "checkpoints" / "0000005.pt"
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -165,7 +165,7 @@ def test_update_ema_is_the_reference_formula():
 
 
 def test_sample_grids_use_fixed_noise_and_leave_the_training_rng_alone(tiny_vae_dir):
-    from vae import load_vae
+    from util.vae import load_vae
 
     torch.manual_seed(0)
     ema = DiT_models["DiT-S/8"](input_size=8, num_classes=3).eval()

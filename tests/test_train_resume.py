@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-import data
+from util import data
 import train
 from test_train import read_metrics, run_script, train_args
 

@@ -29,7 +29,7 @@ from diffusers import (
 )
 from tqdm.auto import tqdm
 
-from diffusion import gd
+from . import gaussian_diffusion as gd
 
 TRAIN_STEPS = 1000
 SOLVERS: dict[str, tuple[type[SchedulerMixin], dict]] = {

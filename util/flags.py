@@ -9,8 +9,8 @@ import argparse
 import math
 
 from models import DiT_models
-from precision import PRECISIONS
-from vae import HUB_VAES
+from util.precision import PRECISIONS
+from util.vae import HUB_VAES
 
 
 def make_parser(description: str) -> argparse.ArgumentParser:
@@ -57,8 +57,8 @@ def add_compile_flag(parser: argparse.ArgumentParser) -> None:
 
 def add_sampling_flags(parser: argparse.ArgumentParser, cfg_scale: float) -> None:
     """The checkpoint, the sampler and classifier-free guidance (paper Section 3.1)."""
-    from sampling import SAMPLERS
-    from solvers import DEFAULT_SPACING, TIMESTEP_SPACINGS
+    from util.sampling import SAMPLERS
+    from diffusion.solvers import DEFAULT_SPACING, TIMESTEP_SPACINGS
 
     parser.add_argument(
         "--ckpt", type=str, default=None,

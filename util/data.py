@@ -21,7 +21,7 @@ from torchvision import transforms
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from images import center_crop_arr
+from util.images import center_crop_arr
 
 logger = logging.getLogger("dit")
 

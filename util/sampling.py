@@ -17,12 +17,12 @@ from typing import Callable, Sequence
 import torch
 
 from diffusion import SpacedDiffusion, create_diffusion
-from checkpoint import load_checkpoint, model_weights
-from download import PRETRAINED_MODELS, find_model
+from util.checkpoints import load_checkpoint, model_weights
+from util.pretrained import PRETRAINED_MODELS, find_model
 from models import DiT, DiT_models, check_state_dict
-from precision import autocast
-from solvers import DEFAULT_SPACING, SOLVERS, Solver, make_scheduler
-from vae import latent_size
+from util.precision import autocast
+from diffusion.solvers import DEFAULT_SPACING, SOLVERS, Solver, make_scheduler
+from util.vae import latent_size
 
 # The reference's two loops, then diffusers' solvers (solvers.py).
 SAMPLERS = ("ddpm", "ddim", *SOLVERS)
