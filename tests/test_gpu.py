@@ -40,7 +40,6 @@ TINY = ["--model", "DiT-S/8", "--image-size", "64", "--num-classes", "3", "--glo
 # comparisons below say whether it mattered.
 DETERMINISTIC_TRAIN = """import sys
 import torch
-sys.path.insert(0, {repo!r})
 torch.use_deterministic_algorithms(True, warn_only=True)
 import train
 train.main(sys.argv[1:])
@@ -50,7 +49,7 @@ train.main(sys.argv[1:])
 def run(args: list[str], torchrun: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
     """A script from the repo root under `torchrun --nproc_per_node=1` (nccl), or as plain python."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"] if torchrun else [sys.executable]
-    full_env = dict(os.environ, HF_HUB_OFFLINE="1", CUBLAS_WORKSPACE_CONFIG=":4096:8", **(env or {}))
+    full_env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", CUBLAS_WORKSPACE_CONFIG=":4096:8", **(env or {}))
     result = subprocess.run(launcher + args, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, f"{args[0]} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     return result
@@ -78,7 +77,7 @@ def test_train_from_images_tf32_resumes_bitwise_with_the_cuda_rng_state(tmp_path
     images, batch 8), both under deterministic algorithms: every weight, optimizer state,
     loss and both RNG states (CPU and CUDA) at step 5 are bitwise equal."""
     script = tmp_path / "deterministic_train.py"
-    script.write_text(DETERMINISTIC_TRAIN.format(repo=str(REPO)))
+    script.write_text(DETERMINISTIC_TRAIN)
     data = ["--data-path", str(image_folder), "--precision", "tf32"]
     whole, split = tmp_path / "whole", tmp_path / "split"
     run([str(script), *data, *train_args(whole, tiny_vae_dir, "--max-steps", "5")])
