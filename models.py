@@ -39,7 +39,8 @@ def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
 
 
 def sincos_2d(dim: int, grid_size: int) -> torch.Tensor:
-    """(grid_size**2, dim) float32 table for a square grid of tokens in row-major order.
+    """(grid_size**2, dim) float32 table for a square grid of tokens in row-major order: the
+    fixed sine-cosine position embedding added to every token after patchify (Section 3.2).
 
     The first half of the channels encodes the column index, the second half the row index.
     """
@@ -75,7 +76,8 @@ class PatchEmbed(nn.Module):
 
 
 class TimestepEmbedder(nn.Module):
-    """Scalar diffusion timesteps -> (N, D) vectors through a small MLP."""
+    """Scalar diffusion timesteps -> (N, D) vectors: a 256-dim frequency embedding, then a
+    two-layer SiLU MLP (Section 3.2, DiT block design)."""
 
     def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
         super().__init__()
@@ -323,11 +325,12 @@ class DiT(nn.Module):
         cfg_scale: float,
         all_eps_channels: bool = False,
     ) -> torch.Tensor:
-        """Classifier-free guidance (Section 3.1) on a batch laid out as [conditional; unconditional].
+        """Classifier-free guidance (Ho & Salimans 2022; DiT Section 3.1) on a batch laid out as
+        [conditional; unconditional].
 
         Only the first half of x is used (it is run twice, once per label half). Guidance
-        `uncond + s * (cond - uncond)` touches the noise prediction, never the variance
-        channels. By default only the first 3 eps channels are guided, as in the original
+        eps = eps(x_t, null) + s * (eps(x_t, y) - eps(x_t, null)) touches the noise
+        prediction, never the variance channels. By default only the first 3 eps channels are guided, as in the original
         code whose published FID numbers depend on it; all_eps_channels=True guides all
         `in_channels` of them (the textbook form).
         """

@@ -19,8 +19,9 @@ def create_diffusion(
 
     timestep_respacing: "" or None keeps every step (training); "250" keeps 250 evenly
     spaced steps; "10,15,20" spaces per section; "ddim50" keeps 50 steps at an integer stride.
-    The defaults give DiT's setting: linear schedule, eps prediction, learned variance
-    range and the hybrid loss (MSE + variational bound).
+    The defaults give DiT's setting (DiT paper Sections 3.1 and 4): linear schedule, eps prediction,
+    learned variance range (Improved DDPM eq. 15) and the hybrid loss (MSE + variational
+    bound, Improved DDPM eq. 16).
     """
     if use_kl:
         loss_type = gd.LossType.RESCALED_KL

@@ -1,4 +1,4 @@
-"""Closed-form Gaussian quantities used by the variational bound."""
+"""Closed-form Gaussian quantities used by the variational bound (DDPM, Ho et al. 2020, eq. 5)."""
 from __future__ import annotations
 
 import math
@@ -12,7 +12,8 @@ def mean_flat(x: torch.Tensor) -> torch.Tensor:
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
-    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) elementwise, in nats.
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) elementwise, in nats: the L_{t-1}
+    terms of the bound compare two Gaussians, so they have this closed form.
 
     Any argument may be a Python float; at least one must be a tensor.
     """
@@ -31,7 +32,8 @@ def approx_standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
 def discretized_gaussian_log_likelihood(
     x: torch.Tensor, *, means: torch.Tensor, log_scales: torch.Tensor
 ) -> torch.Tensor:
-    """Log-probability (nats) of data in [-1, 1] quantised to 256 bins under a Gaussian.
+    """Log-probability (nats) of data in [-1, 1] quantised to 256 bins under a Gaussian: the
+    decoder p(x_0 | x_1) of DDPM Section 3.3 (eq. 13), which makes L_0 a discrete likelihood.
 
     The two outermost bins extend to -inf and +inf.
     """

@@ -1,6 +1,10 @@
 """Gaussian diffusion as in Improved DDPM (Nichol & Dhariwal, 2021): noise schedules,
 learned variances, the hybrid loss, DDPM/DDIM sampling and bits-per-dim evaluation.
 
+Equation numbers below refer to Ho et al. 2020 ("DDPM", arXiv:2006.11239), Nichol &
+Dhariwal 2021 ("Improved DDPM", arXiv:2102.09672) and Song et al. 2021 ("DDIM",
+arXiv:2010.02502). t runs from 0 to T-1 here; the papers count from 1 to T.
+
 Schedule arithmetic is done in float64 and gathered per timestep before the cast to
 float32. Random draws happen in a fixed order (see each method) so that equal seeds give
 equal results.
@@ -49,7 +53,8 @@ def betas_for_alpha_bar(num_steps: int, alpha_bar: Callable[[float], float], max
 
 
 def get_named_beta_schedule(schedule_name: str, num_diffusion_timesteps: int) -> np.ndarray:
-    """'linear' (DDPM, rescaled so any T matches the 1000-step schedule) or 'squaredcos_cap_v2'."""
+    """'linear' (DDPM Section 4: 1e-4 to 0.02 over 1000 steps, rescaled so any T matches it)
+    or 'squaredcos_cap_v2' (Improved DDPM's cosine schedule, Section 3.2, offset s = 0.008)."""
     if schedule_name == "linear":
         scale = 1000 / num_diffusion_timesteps
         return np.linspace(scale * 0.0001, scale * 0.02, num_diffusion_timesteps, dtype=np.float64)
@@ -81,7 +86,7 @@ class GaussianDiffusion:
         self.alphas_cumprod_prev = np.append(1.0, self.alphas_cumprod[:-1])
         self.alphas_cumprod_next = np.append(self.alphas_cumprod[1:], 0.0)
 
-        # q(x_t | x_0)
+        # q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I)  (DDPM eq. 4)
         self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
         self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
         self.one_minus_alphas_cumprod = 1.0 - self.alphas_cumprod
@@ -89,7 +94,7 @@ class GaussianDiffusion:
         self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod)
         self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod - 1)
 
-        # q(x_{t-1} | x_t, x_0)
+        # q(x_{t-1} | x_t, x_0) = N(coef1 x_0 + coef2 x_t, beta~_t I)  (DDPM eqs. 6-7)
         self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         # The posterior variance is 0 at t=0: its log is clipped to the value at t=1, or to
         # beta_0 in a one-step process (which has no t=1; its only step adds no noise).
@@ -98,14 +103,15 @@ class GaussianDiffusion:
         self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
 
-        # p(x_{t-1} | x_t) variances
+        # p(x_{t-1} | x_t) variances: the two fixed choices of DDPM Section 3.2 and the log(beta_t)
+        # end of Improved DDPM's learned interpolation (eq. 15)
         self.log_betas = np.log(betas)
         self.fixed_large_variance = np.append(variance_at_1, betas[1:])
         self.fixed_large_log_variance = np.log(self.fixed_large_variance)
 
         self._tables: dict[tuple[str, torch.device], torch.Tensor] = {}
 
-    # ------------------------------------------------------------------ helpers
+    # ------------------------------------------------------------------ table look-up
 
     def _extract(self, name: str, t: torch.Tensor, ndim: int) -> torch.Tensor:
         """Gather table `name` (float64) at timesteps t, cast to float32, shaped (N, 1, ..., 1)."""
@@ -121,14 +127,15 @@ class GaussianDiffusion:
     # ------------------------------------------------------------------ forward process
 
     def q_mean_variance(self, x_start: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Mean, variance and log-variance of q(x_t | x_0)."""
+        """Mean, variance and log-variance of q(x_t | x_0) (DDPM eq. 4)."""
         mean = self._extract("sqrt_alphas_cumprod", t, x_start.dim()) * x_start
         variance = self._extract("one_minus_alphas_cumprod", t, x_start.dim()).expand_as(x_start)
         log_variance = self._extract("log_one_minus_alphas_cumprod", t, x_start.dim()).expand_as(x_start)
         return mean, variance, log_variance
 
     def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """Draw x_t ~ q(x_t | x_0) (noise drawn with randn_like when not given)."""
+        """Draw x_t ~ q(x_t | x_0) = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) noise (DDPM eq. 4;
+        noise drawn with randn_like when not given)."""
         if noise is None:
             noise = torch.randn_like(x_start)
         if noise.shape != x_start.shape:
@@ -141,7 +148,7 @@ class GaussianDiffusion:
     def q_posterior_mean_variance(
         self, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0)."""
+        """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0) (DDPM eqs. 6-7)."""
         n = x_t.dim()
         mean = self._extract("posterior_mean_coef1", t, n) * x_start + self._extract("posterior_mean_coef2", t, n) * x_t
         variance = self._extract("posterior_variance", t, n).expand_as(x_t)
@@ -151,10 +158,12 @@ class GaussianDiffusion:
     # ------------------------------------------------------------------ reverse process
 
     def _predict_xstart_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """DDPM eq. 4 solved for x_0: (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)."""
         n = x_t.dim()
         return self._extract("sqrt_recip_alphas_cumprod", t, n) * x_t - self._extract("sqrt_recipm1_alphas_cumprod", t, n) * eps
 
     def _predict_eps_from_xstart(self, x_t: torch.Tensor, t: torch.Tensor, pred_xstart: torch.Tensor) -> torch.Tensor:
+        """DDPM eq. 4 solved for the noise."""
         n = x_t.dim()
         return (self._extract("sqrt_recip_alphas_cumprod", t, n) * x_t - pred_xstart) / self._extract(
             "sqrt_recipm1_alphas_cumprod", t, n
@@ -170,7 +179,11 @@ class GaussianDiffusion:
         model_kwargs: dict | None = None,
     ) -> dict[str, Any]:
         """Run the model once and return p(x_{t-1} | x_t): mean, variance, log_variance,
-        pred_xstart, and `extra` (whatever the model returned beside its output, or None)."""
+        pred_xstart, and `extra` (whatever the model returned beside its output, or None).
+
+        The mean is the posterior mean (DDPM eq. 7) at the predicted x_0; for an eps
+        prediction without clipping this equals DDPM's eq. 11, mu = (x_t - beta_t / sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_t).
+        """
         model_kwargs = {} if model_kwargs is None else model_kwargs
         channels = x.shape[1]
         model_output = model(x, t, **model_kwargs)
@@ -189,6 +202,7 @@ class GaussianDiffusion:
             else:
                 min_log = self._extract("posterior_log_variance_clipped", t, x.dim())
                 max_log = self._extract("log_betas", t, x.dim())
+                # Improved DDPM eq. 15: Sigma = exp(v log beta_t + (1 - v) log beta~_t), v = frac.
                 frac = (var_values + 1) / 2  # the model's output lies in [-1, 1]
                 model_log_variance = frac * max_log + (1 - frac) * min_log
             model_variance = torch.exp(model_log_variance)
@@ -330,8 +344,9 @@ class GaussianDiffusion:
         eta: float = 0.0,
         noise_fn: Callable[[torch.Tensor], torch.Tensor] = torch.randn_like,
     ) -> dict[str, torch.Tensor]:
-        """One DDIM step x_t -> x_{t-1}; eta=0 is deterministic, eta=1 matches DDPM's variance.
-        Draws noise_fn(x) (randn_like) after the model call, like p_sample."""
+        """One DDIM step x_t -> x_{t-1} (DDIM eq. 12, sigma_t from eq. 16); eta=0 is
+        deterministic, eta=1 matches DDPM's posterior variance. Draws noise_fn(x) (randn_like)
+        after the model call, like p_sample."""
         out = self.p_mean_variance(model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs)
         if cond_fn is not None:
             out = self.condition_score(cond_fn, out, x, t, model_kwargs=model_kwargs)
@@ -425,8 +440,9 @@ class GaussianDiffusion:
         clip_denoised: bool = True,
         model_kwargs: dict | None = None,
     ) -> dict[str, torch.Tensor]:
-        """One term of the variational bound in bits per dimension: KL(q || p) for t > 0,
-        the discretised decoder NLL at t = 0."""
+        """One term of the variational bound (DDPM eq. 5) in bits per dimension: L_{t-1} =
+        KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) for t > 0, and at t = 0 the decoder NLL
+        L_0 = -log p(x_0 | x_1) under the discretised Gaussian of DDPM Section 3.3 (eq. 13)."""
         true_mean, _, true_log_variance = self.q_posterior_mean_variance(x_start, x_t, t)
         out = self.p_mean_variance(model, x_t, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs)
         kl = mean_flat(normal_kl(true_mean, true_log_variance, out["mean"], out["log_variance"])) / math.log(2.0)
@@ -444,7 +460,9 @@ class GaussianDiffusion:
     ) -> dict[str, torch.Tensor]:
         """Per-sample losses at timesteps t: a dict with `loss`, and `mse`/`vb` for MSE losses.
 
-        Draws the noise (randn_like(x_start)) before the model call when it is not given.
+        MSE with eps prediction is DDPM's L_simple (eq. 14); with a learned variance the vb
+        term is added, giving Improved DDPM's hybrid loss (eq. 16). Draws the noise
+        (randn_like(x_start)) before the model call when it is not given.
         """
         model_kwargs = {} if model_kwargs is None else model_kwargs
         if noise is None:
@@ -468,6 +486,9 @@ class GaussianDiffusion:
             # The vb term sees a detached mean, so it trains only the variance; the MSE trains the mean.
             frozen = torch.cat([model_output.detach(), var_values], dim=1)
             terms["vb"] = self._vb_terms_bpd(lambda *args, **kwargs: frozen, x_start, x_t, t, clip_denoised=False)["output"]
+            # Hybrid loss L_simple + 0.001 L_vlb (Improved DDPM eq. 16): L_vlb is estimated as T
+            # times this one term, so at T = 1000 the term enters unscaled; RESCALED_MSE keeps the
+            # weight 0.001 * T for other T.
             if self.loss_type == LossType.RESCALED_MSE:
                 terms["vb"] = terms["vb"] * (self.num_timesteps / 1000.0)
 
@@ -481,7 +502,8 @@ class GaussianDiffusion:
     # ------------------------------------------------------------------ evaluation
 
     def _prior_bpd(self, x_start: torch.Tensor) -> torch.Tensor:
-        """KL(q(x_T | x_0) || N(0, I)) in bits per dimension; not learnable, but part of the bound."""
+        """KL(q(x_T | x_0) || N(0, I)) in bits per dimension: the L_T term of DDPM eq. 5, not
+        learnable, but part of the bound."""
         t = torch.full((x_start.shape[0],), self.num_timesteps - 1, device=x_start.device, dtype=torch.long)
         mean, _, log_variance = self.q_mean_variance(x_start, t)
         return mean_flat(normal_kl(mean, log_variance, 0.0, 0.0)) / math.log(2.0)

@@ -1,5 +1,7 @@
-"""Sampling with fewer steps than training: keep a subset of the timesteps and recompute
-the betas so that the kept steps have the same alpha_bar as in the full process."""
+"""Sampling with fewer steps than training (Improved DDPM, Nichol & Dhariwal 2021, Section 4):
+keep a subsequence S of the timesteps and recompute the betas, beta_{S_i} = 1 - alpha_bar_{S_i} /
+alpha_bar_{S_{i-1}}, so that the kept steps have the same alpha_bar as in the full process; the
+posterior variances follow from these betas as in the full process."""
 from __future__ import annotations
 
 from typing import Any, Callable, Sequence
@@ -48,7 +50,8 @@ def space_timesteps(num_timesteps: int, section_counts: str | Sequence[int]) -> 
 
 
 class _OriginalTimesteps:
-    """Calls the model with the original timestep index of each spaced step."""
+    """Calls the model with the original timestep index of each spaced step: the model was
+    trained on indices 0..T-1 of the full process, not on positions in the subsequence."""
 
     def __init__(self, model: Callable[..., Any], diffusion: SpacedDiffusion):
         self.model = model

@@ -100,7 +100,7 @@ def test_report_names_the_machine_and_resolves_auto(tmp_path):
 
 def test_mfu_arithmetic():
     macs = forward_macs("DiT-XL/2", 256)
-    # The issue's anchor: 625 img/s x 711.6 GFLOP per training image on an H100's 989 TFLOP/s is 45%.
+    # A worked example: 625 img/s x 711.6 GFLOP per training image on an H100's 989 TFLOP/s is 45%.
     assert train_mfu(625, 118.6e9, 989.0) == pytest.approx(625 * 711.6e9 / 989e12) == pytest.approx(0.4497, abs=1e-4)
     # The original release on A100s: about 26 img/s per GPU, about 6% of 312 TFLOP/s.
     assert train_mfu(26, macs, 312.0) == pytest.approx(0.0593, abs=5e-4)

@@ -1,4 +1,4 @@
-"""Every script's --help explains every flag and shows its default (issue 9, item 8)."""
+"""Every script's --help explains every flag and shows its default."""
 import argparse
 import importlib
 

@@ -85,7 +85,7 @@ def test_incomplete_feature_store_is_refused(tmp_path):
 
 
 def test_documented_bytes_per_image():
-    # README: 256 px images (32x32 latents) take 32 KiB per image in float16, 64 KiB in float32.
+    # docs/training.md: 256 px images (32x32 latents) take 32 KiB per image in float16, 64 KiB in float32.
     assert feature_bytes_per_image(32, "float16") == 32 * 1024 + 9
     assert feature_bytes_per_image(32, "float32") == 64 * 1024 + 9
 

@@ -13,7 +13,7 @@ CROPS = np.load(DATA / "center_crop.npz")
 
 
 def reference_test_image(height: int, width: int) -> Image.Image:
-    """The golden README's test image: pixel (y, x, c) = (x*(c+1) + y*(3-c) + 17*c) % 256."""
+    """The test image of tests/data/README.md: pixel (y, x, c) = (x*(c+1) + y*(3-c) + 17*c) % 256."""
     y, x, c = np.meshgrid(np.arange(height), np.arange(width), np.arange(3), indexing="ij")
     return Image.fromarray(((x * (c + 1) + y * (3 - c) + 17 * c) % 256).astype(np.uint8))
 
