@@ -228,7 +228,7 @@ def test_when_no_checkpoint_loads_one_sentence_says_so(tmp_path):
     for path in paths:
         Path(path).write_bytes(b"garbage")
     warnings: list[str] = []
-    with pytest.raises(ValueError, match=r"none of the 2 checkpoints loads \(the newest is .*0000020.pt\); delete them or pass --resume PATH"):
+    with pytest.raises(ValueError, match=r"none of the 2 checkpoints loads \(the newest is .*0000020.pt\); delete them, or use a checkpoint to resume from instead"):
         load_newest_good_checkpoint(paths, warnings.append)
     assert len(warnings) == 2
     assert load_newest_good_checkpoint([], warnings.append) is None

@@ -132,7 +132,7 @@ def test_image_i_comes_from_its_own_generator(one_process, tiny_dit_ckpts, tiny_
 
     x = torch.cat([z, z])
     labels = torch.cat([y, torch.tensor([10])])
-    latents = create_sampler(STEPS, "ddpm").p_sample_loop(
+    latents = create_sampler(STEPS, "ddpm").diffusion.p_sample_loop(
         model.forward_with_cfg, x.shape, x, clip_denoised=False, model_kwargs=dict(y=labels, cfg_scale=1.5), noise_fn=noise_fn
     )
     image = decode(load_vae("ema", torch.device("cpu"), str(tiny_vae_dir)), latents[:1])
