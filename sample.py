@@ -36,7 +36,6 @@ from util.distributed import default_device
 from util.images import save_grid
 from util.precision import setup_precision
 from util.sampling import SETUP_ERRORS, compile_for_sampling, denoise, guidance_scale, has_null_label
-from util.vae import decode, load_vae
 
 # The original's grid of ImageNet classes; a checkpoint with fewer classes gets 0, 1, 2, ... instead.
 IMAGENET_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]
@@ -101,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
         check_sampling_flags(args)
         check_output_path(args.out)
         sampler = sampler_from_flags(args)
-        model = load_model(args, given, device)
+        model, autoencoder = load_model(args, given, device)
         if "class_labels" not in given:
             args.class_labels = default_labels(args.num_classes)
         check_labels(args.class_labels, args.num_classes)
@@ -111,7 +110,6 @@ def main(argv: list[str] | None = None) -> None:
         args.cfg_scale = guidance_scale(model, args.cfg_scale)
         if args.compile:
             compile_for_sampling(model)
-        vae = load_vae(args.vae, device, args.vae_path)
     except SETUP_ERRORS as error:
         sys.exit(f"sample.py: error: {error}")
 
@@ -125,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     latents = denoise(
         model, sampler, z, y, cfg_scale, precision=precision, all_eps_channels=args.cfg_all_eps_channels, progress=True,
     )
-    save_grid(decode(vae, latents), args.out)
+    save_grid(autoencoder.decode(latents), args.out)  # pixel space: the model's output itself
     print(f"saved {args.out}")
 
 

@@ -26,7 +26,6 @@ from typing import Callable, Iterable
 
 import numpy as np
 import torch
-from diffusers.models import AutoencoderKL
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -50,7 +49,7 @@ from util.flags import (
 from models import DiT
 from util.precision import setup_precision
 from util.sampling import SETUP_ERRORS, Sampler, compile_for_sampling, denoise, guidance_scale
-from util.vae import decode, load_vae
+from util.vae import Autoencoder
 
 SETTINGS_FILE = "sampling_settings.json"
 # The flags that decide the pixels: a folder's PNGs are only reused when all of them agree.
@@ -206,7 +205,7 @@ def image_labels(global_seed: int, num_samples: int, latent_shape: tuple[int, ..
 
 
 def sample_block(
-    model: DiT, sampler: Sampler, vae: AutoencoderKL, indices: list[int], args: argparse.Namespace, device: torch.device,
+    model: DiT, sampler: Sampler, autoencoder: Autoencoder, indices: list[int], args: argparse.Namespace, device: torch.device,
 ) -> np.ndarray:
     """(len(indices), H, W, 3) uint8 images for indices of one block, each sampled at its own row."""
     rows, size = args.micro_batch_size, model.input_size
@@ -221,7 +220,7 @@ def sample_block(
         args.cfg_scale if args.cfg_scale > 1.0 else None, precision=args.precision,
         all_eps_channels=args.cfg_all_eps_channels, noise_fn=per_image_noise(generators, positions, rows),
     )
-    return to_uint8(decode(vae, latents))[positions]
+    return to_uint8(autoencoder.decode(latents))[positions]  # pixel space: the model's output itself
 
 
 def save_png(pixels: np.ndarray, path: str) -> None:
@@ -262,7 +261,7 @@ def main(argv: list[str] | None = None) -> None:
         if message and info.is_main:
             print(message, file=sys.stderr)
         sampler = sampler_from_flags(args)
-        model = load_model(args, given, info.device)
+        model, autoencoder = load_model(args, given, info.device)
         # The scale in effect goes into the recipe and the folder name: the pixels follow it.
         message = guidance_note(model, args.cfg_scale)
         if message and info.is_main:
@@ -270,7 +269,6 @@ def main(argv: list[str] | None = None) -> None:
         args.cfg_scale = guidance_scale(model, args.cfg_scale)
         if args.compile:
             compile_for_sampling(model)
-        vae = load_vae(args.vae, info.device, args.vae_path)
         folder = sample_folder(args)
         os.makedirs(folder, exist_ok=True)
         check_settings(folder, args, info.is_main)
@@ -285,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{folder}: {args.num_fid_samples - len(missing)} of {args.num_fid_samples} images present, sampling {len(missing)}")
     bar = tqdm(total=len(missing), unit="img", disable=not info.is_main)
     for indices in my_blocks:
-        for index, pixels in zip(indices, sample_block(model, sampler, vae, indices, args, info.device)):
+        for index, pixels in zip(indices, sample_block(model, sampler, autoencoder, indices, args, info.device)):
             save_png(pixels, png_path(folder, index))
         # Rank 0 counts the other processes' images as equal to its own.
         bar.update(min(len(indices) * info.world_size, bar.total - bar.n))

@@ -399,3 +399,44 @@ def test_denoise_takes_a_sampler_that_knows_its_kind(reference_model):
     assert_close_to_reference(latents, case["sample"], rel=1e-4)
     with pytest.raises(ValueError, match="the diffusion loops are ddpm and ddim"):
         DiffusionLoop("unipc", sampler.diffusion)
+
+
+@pytest.fixture(scope="module")
+def pixel_checkpoint(tmp_path_factory):
+    """A train.py checkpoint of a DiT on 16 px RGB pixels (--vae none): 3 channels, no autoencoder."""
+    torch.manual_seed(0)
+    model = DiT_models["DiT-S/8"](input_size=16, in_channels=3, num_classes=10)
+    for param in model.parameters():
+        if not param.any():
+            param.data.normal_(0, 0.02)
+    args = {"model": "DiT-S/8", "image_size": 16, "num_classes": 10, "class_dropout_prob": 0.1, "vae": "none", "vae_path": None}
+    path = tmp_path_factory.mktemp("pixels") / "0000005.pt"
+    torch.save({"model": model.state_dict(), "ema": model.state_dict(), "args": args}, path)
+    return path, model.eval()
+
+
+def test_a_pixel_space_checkpoint_writes_the_models_output(pixel_checkpoint, tmp_path):
+    """--vae none from the checkpoint: the grid is the denoised pixels themselves, 16 px each."""
+    from util.images import save_grid
+
+    path, model = pixel_checkpoint
+    out = tmp_path / "grid.png"
+    try:
+        sample.main(["--ckpt", str(path), "--num-sampling-steps", "2", "--out", str(out)])
+    finally:
+        configure_precision("fp32")
+    torch.manual_seed(0)
+    z = torch.randn(8, 3, 16, 16)
+    with torch.no_grad():
+        images = denoise(model, create_sampler(2, "ddpm"), z, torch.arange(8), cfg_scale=4.0)
+    save_grid(images, tmp_path / "expected.png")
+    assert Image.open(out).size == (4 * 18 + 2, 2 * 18 + 2)
+    assert np.abs(pixels(out) - pixels(tmp_path / "expected.png")).max() <= 1
+
+
+def test_a_latent_vae_for_a_pixel_checkpoint_is_one_sentence(pixel_checkpoint, tiny_vae_dir, tmp_path):
+    path, _ = pixel_checkpoint
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main(["--ckpt", str(path), "--vae", "ema", "--vae-path", str(tiny_vae_dir), "--out", str(tmp_path / "grid.png")])
+    text = str(exit_info.value.code)
+    assert text.startswith(f"sample.py: error: checkpoint {path} was trained with --vae none (now ema)") and "\n" not in text

@@ -17,7 +17,7 @@ from util.checkpoints import WeightsError
 from util.precision import PRECISIONS
 from util.pretrained import PRETRAINED_MODELS, WEIGHT_SETS, load_weights
 from util.sampling import SAMPLERS, SamplerError, build_model, create_sampler
-from util.vae import HUB_VAES, latent_size
+from util.vae import HUB_VAES, PIXEL_SPACE, Autoencoder, AutoencoderError, load_autoencoder
 
 # train.py flags (its checkpoint's `args`) that say which model to build and what it samples into.
 CHECKPOINT_FLAGS = ("model", "image_size", "num_classes", "vae", "vae_path")
@@ -50,9 +50,23 @@ def add_data_flags(parser: argparse.ArgumentParser, required: bool) -> None:
 
 
 def add_vae_flags(parser: argparse.ArgumentParser, default: str) -> None:
-    """--vae, --vae-path: the Stable Diffusion VAE from the hub, or a local copy."""
-    parser.add_argument("--vae", type=str, choices=list(HUB_VAES), default=default, help="stabilityai/sd-vae-ft-<vae> on the hub")
-    parser.add_argument("--vae-path", type=str, default=None, help="a local diffusers AutoencoderKL folder instead of the hub")
+    """--vae, --vae-path: the space the DiT works in (paper Section 3.1: the SD VAE's latents)."""
+    parser.add_argument(
+        "--vae", type=str, choices=[*HUB_VAES, PIXEL_SPACE], default=default,
+        help=f"ema/mse: the latents of stabilityai/sd-vae-ft-<vae> from the hub; {PIXEL_SPACE}: no autoencoder, "
+        "the DiT works on RGB pixels in [-1, 1]",
+    )
+    parser.add_argument(
+        "--vae-path", type=str, default=None,
+        help="a local diffusers AutoencoderKL folder, any channels and down-sampling (its config's); wins over --vae",
+    )
+
+
+def vae_error_sentence(error: Exception, vae_path: str | None) -> str:
+    """An AutoencoderError's sentence with the flag that fixes it: the folder's, or the folder to pass."""
+    if vae_path is not None:
+        return f"--vae-path {error}"
+    return f"{error}: pass it with --vae-path DIR"
 
 
 def add_precision_flag(parser: argparse.ArgumentParser, default: str | None) -> None:
@@ -144,7 +158,8 @@ def fill_from_checkpoint(args: argparse.Namespace, given: set[str], saved: dict)
     for key in CHECKPOINT_FLAGS:
         if key in saved and (key not in given if key in SHAPE_FLAGS else source):
             setattr(args, key, saved[key])
-    for key in SHAPE_FLAGS:
+    pixels_differ = "vae" in given and "vae" in saved and (args.vae == PIXEL_SPACE) != (saved["vae"] == PIXEL_SPACE)
+    for key in (*SHAPE_FLAGS, *(["vae"] if pixels_differ else [])):
         if key in given and key in saved and saved[key] != getattr(args, key):
             return (
                 f"checkpoint {args.ckpt} was trained with {flag(key)} {saved[key]} (now {getattr(args, key)}); pass "
@@ -163,36 +178,47 @@ def default_checkpoint(model_name: str, image_size: int) -> str:
     return name
 
 
-def load_model(args: argparse.Namespace, given: set[str], device: torch.device) -> DiT:
-    """The DiT of --ckpt (default: the released one) with its --weights, in eval mode on `device`.
+def autoencoder_from_flags(args: argparse.Namespace, device: torch.device) -> tuple[Autoencoder, int]:
+    """The autoencoder of --vae / --vae-path and the latent side of --image-size in it."""
+    try:
+        autoencoder = load_autoencoder(args.vae, device, args.vae_path)
+    except AutoencoderError as error:
+        raise ValueError(vae_error_sentence(error, args.vae_path)) from error
+    try:
+        return autoencoder, autoencoder.latent_size(args.image_size)
+    except AutoencoderError as error:
+        raise ValueError(f"--image-size {error}") from error
+
+
+def load_model(args: argparse.Namespace, given: set[str], device: torch.device) -> tuple[DiT, Autoencoder]:
+    """The DiT of --ckpt (default: the released one) with its --weights, in eval mode on `device`,
+    and the autoencoder its samples are decoded with.
 
     A train.py checkpoint fills the CHECKPOINT_FLAGS not given (in `args`) and decides whether
     there is a null label; any other source keeps the flags and its label table's rows decide.
-    Fails with one sentence naming the flag for every problem.
+    The DiT's channels and input size are the autoencoder's (3 and the image size in pixel
+    space). Fails with one sentence naming the flag for every problem.
     """
-    if args.ckpt is None:
-        with torch.device("meta"):  # a size that cannot work fails here, before anything is downloaded
-            DiT_models[args.model](input_size=latent_size(args.image_size))
-        args.ckpt = default_checkpoint(args.model, args.image_size)
+    args.ckpt = args.ckpt or default_checkpoint(args.model, args.image_size)
     try:
         weights = load_weights(args.ckpt)
     except WeightsError as error:
         raise ValueError(error.with_flag("--ckpt PATH")) from error
     if args.weights == "raw" and weights.raw is None:
         raise ValueError(f"--weights raw: {args.ckpt} holds one set of weights, not a train.py checkpoint's raw and EMA copies; drop --weights raw")
-    state_dict = weights.select(args.weights)
     contradiction = fill_from_checkpoint(args, given, weights.args)
+    autoencoder, size = autoencoder_from_flags(args, device)
     dropout = weights.args.get("class_dropout_prob")
     try:
         model = build_model(
-            state_dict, args.model, latent_size(args.image_size), args.num_classes,
+            weights.select(args.weights), args.model, size, args.num_classes, in_channels=autoencoder.channels,
             null_label=None if dropout is None else dropout > 0, source=f"checkpoint {args.ckpt}",
         )
-    except WeightsError as error:
+    except ValueError as error:  # weights for another config, or a size the model cannot take
         raise ValueError(f"{contradiction} ({error})" if contradiction else str(error)) from error
     if contradiction:
         raise ValueError(contradiction)
-    return model.to(device)
+    return model.to(device), autoencoder
 
 
 def guidance_note(model: DiT, cfg_scale: float) -> str | None:
