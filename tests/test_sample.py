@@ -440,3 +440,26 @@ def test_a_latent_vae_for_a_pixel_checkpoint_is_one_sentence(pixel_checkpoint, t
         sample.main(["--ckpt", str(path), "--vae", "ema", "--vae-path", str(tiny_vae_dir), "--out", str(tmp_path / "grid.png")])
     text = str(exit_info.value.code)
     assert text.startswith(f"sample.py: error: checkpoint {path} was trained with --vae none (now ema)") and "\n" not in text
+
+
+@pytest.mark.slow
+def test_any_autoencoder_folder_sets_the_channels_and_size(tmp_path):
+    """A 2-channel AutoencoderKL that downsamples by 4 (from --vae-path): the DiT takes 2 channels
+    at image size / 4, and the grid is decoded by that folder."""
+    from diffusers.models import AutoencoderKL
+
+    torch.manual_seed(0)
+    AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(8, 8, 8),
+        layers_per_block=1, latent_channels=2, norm_num_groups=4, sample_size=32,
+    ).save_pretrained(tmp_path / "vae")
+    model = DiT_models["DiT-S/4"](input_size=8, in_channels=2, num_classes=10)
+    path = tmp_path / "bare.pt"
+    torch.save(model.state_dict(), path)
+    out = tmp_path / "grid.png"
+    try:
+        sample.main(["--model", "DiT-S/4", "--image-size", "32", "--num-classes", "10", "--ckpt", str(path),
+                     "--vae-path", str(tmp_path / "vae"), "--num-sampling-steps", "2", "--out", str(out)])
+    finally:
+        configure_precision("fp32")
+    assert Image.open(out).size == (4 * 34 + 2, 2 * 34 + 2)
