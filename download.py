@@ -12,6 +12,7 @@ import argparse
 import os
 import sys
 
+from util.checkpoints import WeightsError
 from util.pretrained import PRETRAINED_DIR, PRETRAINED_MODELS, find_model
 
 __all__ = ["find_model", "main"]
@@ -28,7 +29,9 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.names:
         try:
             find_model(name)
-        except (OSError, RuntimeError, ValueError) as error:
+        except WeightsError as error:  # a local checkpoint is named like any other source
+            sys.exit(f"download.py: error: {error.sentence(f'name {error.instead}' if error.instead else None)}")
+        except OSError as error:
             sys.exit(f"download.py: error: {error}")
         print(f"{os.path.join(PRETRAINED_DIR, name) if name in PRETRAINED_MODELS else name} is ready")
 

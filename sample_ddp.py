@@ -1,7 +1,7 @@
 """Sample an image set for FID in parallel: one PNG per image, then one .npz for ADM's evaluator.
 
   torchrun --nnodes=1 --nproc_per_node=8 sample_ddp.py --model DiT-XL/2 --num-fid-samples 50000
-  python sample_ddp.py --model DiT-S/8 --image-size 64 --ckpt CKPT --num-fid-samples 100   # one process
+  python sample_ddp.py --ckpt CKPT --num-fid-samples 100   # one process; a train.py checkpoint names its model, size, VAE
   torchrun --nproc_per_node=8 sample_ddp.py --sampler dpm-solver++ --num-sampling-steps 25  # 10x fewer calls
 
 Image i's starting latent, its label and its noise at every step (samplers that draw noise:
@@ -22,42 +22,45 @@ import os
 import struct
 import sys
 import zipfile
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
-from diffusers.models import AutoencoderKL
 from PIL import Image
 from tqdm.auto import tqdm
 
-from diffusion import SpacedDiffusion
 from util.distributed import all_gather_objects, barrier, cleanup_distributed, setup_distributed
 from util.images import to_uint8
 from util.files import atomic_open, output_folder_problem
 from util.flags import (
+    CHECKPOINT_FLAGS,
     add_compile_flag,
     add_model_flags,
     add_precision_flag,
     add_sampling_flags,
     add_vae_flags,
     check_sampling_flags,
+    given_flags,
+    guidance_note,
+    load_model,
     make_parser,
+    sampler_from_flags,
 )
 from models import DiT
 from util.precision import setup_precision
-from util.sampling import SETUP_ERRORS, compile_for_sampling, create_sampler, denoise, guidance_scale, load_model
-from diffusion.solvers import Solver
-from util.vae import decode, latent_size, load_vae
+from util.sampling import SETUP_ERRORS, Sampler, compile_for_sampling, denoise, guidance_scale
+from util.vae import Autoencoder
 
 SETTINGS_FILE = "sampling_settings.json"
 # The flags that decide the pixels: a folder's PNGs are only reused when all of them agree.
 RECIPE = (
     "model", "ckpt", "image_size", "num_classes", "vae", "vae_path", "cfg_scale", "cfg_all_eps_channels",
-    "num_sampling_steps", "sampler", "timestep_spacing", "precision", "compile", "global_seed", "micro_batch_size",
+    "num_sampling_steps", "sampler", "timestep_spacing", "precision", "compile", "global_seed", "micro_batch_size", "weights",
 )
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, set[str]]:
+    """The flags, and which of CHECKPOINT_FLAGS the command line gave."""
     parser = make_parser("Sample a set of images for FID from a DiT, over any number of processes.")
     add_model_flags(parser)
     add_vae_flags(parser, default="ema")
@@ -79,7 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.precision is None:  # the original's --tf32 decides
         args.precision = "tf32" if args.tf32 else "fp32"
-    return args
+    return args, given_flags(parser, argv, CHECKPOINT_FLAGS)
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -95,9 +98,11 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def sample_folder(args: argparse.Namespace) -> str:
-    """The original's folder name: model, checkpoint, size, VAE, guidance scale and seed."""
+    """The original's folder name: model, checkpoint (and -raw for its raw weights), size, VAE,
+    guidance scale and seed."""
     model_name = args.model.replace("/", "-")
     ckpt_name = os.path.basename(os.path.normpath(args.ckpt)).replace(".pt", "") if args.ckpt else "pretrained"
+    ckpt_name += "-raw" if args.weights == "raw" else ""
     vae_name = os.path.basename(os.path.normpath(args.vae_path)) if args.vae_path else args.vae
     return os.path.join(
         args.sample_dir,
@@ -109,6 +114,8 @@ def recipe(args: argparse.Namespace) -> dict:
     settings = {key: getattr(args, key) for key in RECIPE}
     if args.sampler in ("ddpm", "ddim"):  # they ignore the spacing; folders from before the flag stay valid
         settings["timestep_spacing"] = None
+    if args.weights == "ema":  # folders from before --weights stay valid
+        settings["weights"] = None
     for key in ("ckpt", "vae_path"):
         if settings[key] is not None and not settings[key].startswith("hf:"):
             settings[key] = os.path.abspath(settings[key])
@@ -153,7 +160,7 @@ def missing_indices(folder: str, num_samples: int, image_size: int, rank: int, w
     return sorted(i for share in all_gather_objects(mine) for i in share)
 
 
-def image_generators(global_seed: int, indices: list[int]) -> list[np.random.Generator]:
+def image_generators(global_seed: int, indices: Iterable[int]) -> list[np.random.Generator]:
     """One generator per image, seeded by (global_seed, index) alone."""
     return [np.random.default_rng([global_seed, index]) for index in indices]
 
@@ -184,26 +191,36 @@ def deal_blocks(missing: list[int], block_size: int, per_turn: int, rank: int, w
     return [block for turn in turns[rank::world_size] for block in turn]
 
 
+def draw_start(generator: np.random.Generator, latent_shape: tuple[int, ...], num_classes: int) -> tuple[np.ndarray, int]:
+    """An image's first draws from its generator: its starting latent, then its label (its noise
+    at every step follows)."""
+    z = generator.standard_normal(latent_shape, dtype=np.float32)
+    return z, int(generator.integers(num_classes))
+
+
+def image_labels(global_seed: int, num_samples: int, latent_shape: tuple[int, ...], num_classes: int) -> np.ndarray:
+    """The (num_samples,) labels of the set, drawn again from each image's generator: the same
+    labels whichever run sampled which image."""
+    return np.array([draw_start(g, latent_shape, num_classes)[1] for g in image_generators(global_seed, range(num_samples))], dtype=np.int64)
+
+
 def sample_block(
-    model: DiT, diffusion: SpacedDiffusion | Solver, vae: AutoencoderKL, indices: list[int], args: argparse.Namespace,
-    device: torch.device,
+    model: DiT, sampler: Sampler, autoencoder: Autoencoder, indices: list[int], args: argparse.Namespace, device: torch.device,
 ) -> np.ndarray:
     """(len(indices), H, W, 3) uint8 images for indices of one block, each sampled at its own row."""
-    rows, size = args.micro_batch_size, latent_size(args.image_size)
+    rows, size = args.micro_batch_size, model.input_size
     positions = [index % rows for index in indices]
     generators = image_generators(args.global_seed, indices)
-    # Per image: its starting latent, then its label, then one noise draw per step.
     z = np.zeros((rows, model.in_channels, size, size), dtype=np.float32)
     y = np.zeros(rows, dtype=np.int64)
     for row, generator in zip(positions, generators):
-        z[row] = generator.standard_normal(z.shape[1:], dtype=np.float32)
-        y[row] = generator.integers(args.num_classes)
+        z[row], y[row] = draw_start(generator, z.shape[1:], args.num_classes)
     latents = denoise(
-        model, diffusion, torch.from_numpy(z).to(device), torch.from_numpy(y).to(device),
-        args.cfg_scale if args.cfg_scale > 1.0 else None, sampler=args.sampler, precision=args.precision,
+        model, sampler, torch.from_numpy(z).to(device), torch.from_numpy(y).to(device),
+        args.cfg_scale if args.cfg_scale > 1.0 else None, precision=args.precision,
         all_eps_channels=args.cfg_all_eps_channels, noise_fn=per_image_noise(generators, positions, rows),
     )
-    return to_uint8(decode(vae, latents))[positions]
+    return to_uint8(autoencoder.decode(latents))[positions]  # pixel space: the model's output itself
 
 
 def save_png(pixels: np.ndarray, path: str) -> None:
@@ -212,24 +229,30 @@ def save_png(pixels: np.ndarray, path: str) -> None:
         Image.fromarray(pixels).save(f, format="PNG")
 
 
-def write_npz(folder: str, num_samples: int, image_size: int) -> str:
-    """<folder>.npz with arr_0 (N, H, W, 3) uint8, streamed one PNG at a time (a 50K set is
-    ~10 GB at 256 px) into the same layout as np.savez."""
+def npz_entry(name: str) -> zipfile.ZipInfo:
+    # A fixed timestamp makes equal sample sets give byte-identical files.
+    return zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+
+
+def write_npz(folder: str, num_samples: int, image_size: int, labels: np.ndarray) -> str:
+    """<folder>.npz in np.savez's layout: arr_0 (N, H, W, 3) uint8, streamed one PNG at a time
+    (a 50K set is ~10 GB at 256 px), and arr_1 (N,) int64, each image's class label, as in
+    ADM's labelled reference batches."""
     path = f"{folder}.npz"
     header = {"descr": "|u1", "fortran_order": False, "shape": (num_samples, image_size, image_size, 3)}
-    # A fixed timestamp makes equal sample sets give byte-identical files.
-    entry = zipfile.ZipInfo("arr_0.npy", date_time=(1980, 1, 1, 0, 0, 0))
     with atomic_open(path, "wb") as file, zipfile.ZipFile(file, "w") as archive:
-        with archive.open(entry, "w", force_zip64=True) as f:
+        with archive.open(npz_entry("arr_0.npy"), "w", force_zip64=True) as f:
             np.lib.format.write_array_header_1_0(f, header)
             for index in tqdm(range(num_samples), desc="writing .npz", unit="img"):
                 with Image.open(png_path(folder, index)) as image:
                     f.write(np.asarray(image.convert("RGB"), dtype=np.uint8).tobytes())
+        with archive.open(npz_entry("arr_1.npy"), "w", force_zip64=True) as f:
+            np.lib.format.write_array(f, labels.astype(np.int64), allow_pickle=False)
     return path
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+    args, given = parse_args(argv)
     info = setup_distributed()
     try:
         check_args(args)
@@ -237,15 +260,15 @@ def main(argv: list[str] | None = None) -> None:
         args.precision, message = setup_precision(args.precision, info.device)
         if message and info.is_main:
             print(message, file=sys.stderr)
-        diffusion = create_sampler(args.num_sampling_steps, args.sampler, args.timestep_spacing)
-        model = load_model(args.model, args.image_size, args.num_classes, args.ckpt, info.device)
+        sampler = sampler_from_flags(args)
+        model, autoencoder = load_model(args, given, info.device)
         # The scale in effect goes into the recipe and the folder name: the pixels follow it.
-        args.cfg_scale, message = guidance_scale(model, args.cfg_scale)
+        message = guidance_note(model, args.cfg_scale)
         if message and info.is_main:
             print(message, file=sys.stderr)
+        args.cfg_scale = guidance_scale(model, args.cfg_scale)
         if args.compile:
             compile_for_sampling(model)
-        vae = load_vae(args.vae, info.device, args.vae_path)
         folder = sample_folder(args)
         os.makedirs(folder, exist_ok=True)
         check_settings(folder, args, info.is_main)
@@ -260,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{folder}: {args.num_fid_samples - len(missing)} of {args.num_fid_samples} images present, sampling {len(missing)}")
     bar = tqdm(total=len(missing), unit="img", disable=not info.is_main)
     for indices in my_blocks:
-        for index, pixels in zip(indices, sample_block(model, diffusion, vae, indices, args, info.device)):
+        for index, pixels in zip(indices, sample_block(model, sampler, autoencoder, indices, args, info.device)):
             save_png(pixels, png_path(folder, index))
         # Rank 0 counts the other processes' images as equal to its own.
         bar.update(min(len(indices) * info.world_size, bar.total - bar.n))
@@ -268,8 +291,10 @@ def main(argv: list[str] | None = None) -> None:
 
     barrier()
     if info.is_main:
-        path = write_npz(folder, args.num_fid_samples, args.image_size)
-        print(f"saved {path} with arr_0 of shape ({args.num_fid_samples}, {args.image_size}, {args.image_size}, 3)")
+        latent_shape = (model.in_channels, model.input_size, model.input_size)
+        labels = image_labels(args.global_seed, args.num_fid_samples, latent_shape, args.num_classes)
+        path = write_npz(folder, args.num_fid_samples, args.image_size, labels)
+        print(f"saved {path} with arr_0 of shape ({args.num_fid_samples}, {args.image_size}, {args.image_size}, 3) and its labels as arr_1")
     cleanup_distributed()
 
 

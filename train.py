@@ -62,7 +62,7 @@ from util.pretrained import PRETRAINED_MODELS, download_model
 from models import DiT, DiT_models, check_state_dict
 from util.precision import autocast, grad_scaler, setup_precision
 from util.stop_signals import StopRequest, exit_code, ignore_stop_signals
-from util.sampling import LABEL_TABLE, denoise
+from util.sampling import LABEL_TABLE, create_sampler, denoise
 from util.vae import HUB_VAES, LATENT_SCALE, decode, encode, latent_size, load_vae
 
 if TYPE_CHECKING:  # an optional dependency, imported with --tensorboard only
@@ -295,7 +295,7 @@ def sample_images(
     def noise_fn(x: torch.Tensor) -> torch.Tensor:
         return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
-    diffusion = create_diffusion(str(num_sampling_steps))
+    diffusion = create_sampler(num_sampling_steps, "ddpm")
     cfg_scale = SAMPLE_CFG_SCALE if ema.y_embedder.dropout_prob > 0 else None
     latents = denoise(ema, diffusion, z, y, cfg_scale, precision=precision, noise_fn=noise_fn)
     return decode(vae, latents)

@@ -355,18 +355,18 @@ def time_by_kind(events, kind: str) -> str:
 
 
 def measure_sample(args: argparse.Namespace, spec: dict, device: torch.device) -> dict:
-    from util.sampling import compile_for_sampling, denoise
+    from util.sampling import compile_for_sampling, create_sampler, denoise
 
     model = build_model(args, spec, device).eval().requires_grad_(False)
     if spec["compile"]:
         compile_for_sampling(model)
-    diffusion = create_diffusion(str(args.sample_steps))
+    sampler = create_sampler(args.sample_steps, "ddpm")
     batch = args.sample_batch_size or args.batch_size
     z, y = random_batch(args, batch, device)
 
     def run() -> None:
         with torch.no_grad():
-            denoise(model, diffusion, z, y, cfg_scale=4.0, precision=spec["precision"])
+            denoise(model, sampler, z, y, cfg_scale=4.0, precision=spec["precision"])
 
     times = timed(run, device, max(1, args.warmup // 2), max(2, args.repeats // 2))
     step_s = float(np.median(times)) / args.sample_steps

@@ -155,7 +155,7 @@ def test_corrupt_download_is_set_aside_with_a_clear_message(workdir, server, tin
     with pytest.raises(ValueError) as error:
         pretrained.find_model(NAME)
     message = str(error.value)
-    assert f"{server.url}/{NAME}" in message and "--ckpt PATH" in message
+    assert f"{server.url}/{NAME}" in message and "or use a local checkpoint instead" in message
     if content == "wrong model":
         assert "y_embedder.embedding_table.weight expected (1001, 384) found (11, 384)" in message
     folder = workdir / "pretrained_models"
@@ -181,18 +181,18 @@ def closed_port_url() -> str:
 def test_offline_gives_one_sentence_naming_the_address_and_the_local_path(workdir, monkeypatch):
     url = closed_port_url()
     monkeypatch.setenv(pretrained.BASE_URL_ENV, url)
-    with pytest.raises(RuntimeError) as error:
+    with pytest.raises(pretrained.WeightsError) as error:
         pretrained.find_model(NAME)
     message = str(error.value)
     assert "\n" not in message
     assert f"could not download {url}/{NAME}" in message
     assert f"put the file at {os.path.join('pretrained_models', NAME)}" in message
-    assert "--ckpt PATH" in message
+    assert "or use a local checkpoint instead" in message
     assert not (workdir / "pretrained_models" / NAME).exists()
 
 
 def test_http_error_names_the_status(workdir, server):
-    with pytest.raises(RuntimeError, match=f"could not download {server.url}/{NAME} \\(HTTP Error 404"):
+    with pytest.raises(pretrained.WeightsError, match=f"could not download {server.url}/{NAME} \\(HTTP Error 404"):
         pretrained.find_model(NAME)
 
 
@@ -203,7 +203,7 @@ def test_local_checkpoint_gives_its_ema_weights(tiny_dit_ckpts):
 
 
 def test_missing_local_checkpoint(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist; pass --ckpt PATH"):
+    with pytest.raises(pretrained.WeightsError, match="does not exist; use a checkpoint file or diffusers DiT folder"):
         pretrained.find_model(str(tmp_path / "nope.pt"))
 
 
@@ -342,13 +342,13 @@ def test_offline_with_the_hub_fallback_gives_one_sentence(workdir, monkeypatch):
     url = closed_port_url()
     monkeypatch.setenv(pretrained.BASE_URL_ENV, url)
     monkeypatch.setitem(pretrained.HUB_REPOS, NAME, "nobody/not-cached-dit")
-    with pytest.raises(RuntimeError) as error:
+    with pytest.raises(pretrained.WeightsError) as error:
         pretrained.find_model(NAME)
     message = str(error.value)
     assert "\n" not in message
     assert message.startswith(f"could not download {url}/{NAME} (") and "nor hf:nobody/not-cached-dit from the Hugging Face hub" in message
-    assert "HF_ENDPOINT" in message and "--ckpt PATH" in message
-    with pytest.raises(RuntimeError, match=r"^nobody/not-cached-dit/transformer is not in the Hugging Face cache and the hub at \S+ could not be reached"):
+    assert "HF_ENDPOINT" in message and "or use a local checkpoint instead" in message
+    with pytest.raises(pretrained.WeightsError, match=r"^nobody/not-cached-dit/transformer is not in the Hugging Face cache and the hub at \S+ could not be reached"):
         pretrained.find_model("hf:nobody/not-cached-dit")
 
 
@@ -360,3 +360,55 @@ def test_help_prints_help_and_downloads_nothing(tmp_path):
     assert result.returncode == 0 and result.stdout.startswith("usage: download.py")
     assert "hf:OWNER/REPO" in result.stdout
     assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------- one loader for every source
+
+def test_load_weights_takes_every_source(workdir, server, released, tiny_dit_ckpts, golden, tmp_path, monkeypatch):
+    """A released name (from the loopback server), a train.py checkpoint file, a bare file, a
+    state dict, a diffusers folder and an hf: name all come through load_weights."""
+    import huggingface_hub
+
+    state_dict, data = released
+    serve(server, data)
+    assert_same_weights(pretrained.load_weights(NAME).ema, state_dict)
+
+    training = torch.load(tiny_dit_ckpts["training"], weights_only=True)
+    from_file = pretrained.load_weights(str(tiny_dit_ckpts["training"]))
+    assert_same_weights(from_file.ema, training["ema"])
+    assert_same_weights(from_file.select("raw"), training["model"])
+    assert from_file.args == {"model": "DiT-S/8", "image_size": 64}
+    bare = pretrained.load_weights(str(tiny_dit_ckpts["bare"]))
+    assert bare.raw is None and bare.args == {}
+    assert_same_weights(pretrained.load_weights(training).select("raw"), training["model"])
+    assert_same_weights(pretrained.load_weights(training["ema"]).ema, training["ema"])
+
+    save_as_diffusers(golden, tmp_path / "repo" / "transformer")
+    assert_same_weights(pretrained.load_weights(str(tmp_path / "repo")).ema, golden[0].state_dict())
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", FakeHub({"someone/tiny": tmp_path / "repo"}))
+    assert_same_weights(pretrained.load_weights("hf:someone/tiny").ema, golden[0].state_dict())
+
+
+def test_raw_weights_of_a_file_without_a_raw_copy_is_one_sentence(tiny_dit_ckpts):
+    bare = pretrained.load_weights(str(tiny_dit_ckpts["bare"]))
+    with pytest.raises(pretrained.WeightsError, match="holds one set of weights, not a training checkpoint's raw copy"):
+        bare.select("raw")
+
+
+def test_weights_errors_name_no_flag_and_take_the_scripts_flag(tmp_path):
+    with pytest.raises(pretrained.WeightsError) as error:
+        pretrained.load_weights(str(tmp_path / "nope.pt"))
+    assert "--" not in str(error.value)
+    assert error.value.with_flag("--init-from PATH").startswith(f"checkpoint {tmp_path / 'nope.pt'} does not exist; pass --init-from PATH to a checkpoint file")
+
+
+@pytest.mark.slow
+def test_cli_names_a_local_checkpoint_as_the_alternative(tmp_path):
+    env = dict(os.environ, DIT_DOWNLOAD_URL=closed_port_url())
+    result = subprocess.run(
+        [sys.executable, str(REPO / "download.py"), "DiT-XL-2-256x256.pt", str(tmp_path / "nope.pt")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 1 and "--ckpt" not in last_line
+    assert last_line.endswith("or name a local checkpoint")

@@ -168,6 +168,21 @@ def test_write_errors_are_one_sentence_and_lose_nothing(tmp_path, monkeypatch, e
     assert torch.equal(load_checkpoint(str(earlier))["w"], torch.ones(3))
 
 
+@pytest.mark.parametrize(
+    "code, kind",
+    [(errno.ENOSPC, "full"), (errno.EDQUOT, "full"), (errno.EROFS, "read-only"), (errno.EACCES, "read-only"), (errno.EPERM, "read-only")],
+)
+def test_write_errors_are_told_apart_by_errno_whatever_the_text(code, kind):
+    """The errno decides, not the OS's wording (which varies with the locale and the platform)."""
+    from util.files import write_error_message
+
+    message = write_error_message(OSError(code, "some localised text"), "f.pt")
+    assert message is not None and (("the disk is full" in message) == (kind == "full"))
+    assert write_error_message(OSError(errno.ENOENT, "No space left on device"), "f.pt") is None
+    # torch.save's errno-less RuntimeError is the one case told by its text.
+    assert "the disk is full" in write_error_message(RuntimeError("PytorchStreamWriter failed: file write failed"), "f.pt")
+
+
 def test_other_errors_are_not_disguised(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint.torch, "save", failing_save(RuntimeError("something else")))
     with pytest.raises(RuntimeError, match="^something else$"):
@@ -228,7 +243,7 @@ def test_when_no_checkpoint_loads_one_sentence_says_so(tmp_path):
     for path in paths:
         Path(path).write_bytes(b"garbage")
     warnings: list[str] = []
-    with pytest.raises(ValueError, match=r"none of the 2 checkpoints loads \(the newest is .*0000020.pt\); delete them or pass --resume PATH"):
+    with pytest.raises(ValueError, match=r"none of the 2 checkpoints loads \(the newest is .*0000020.pt\); delete them, or use a checkpoint to resume from instead"):
         load_newest_good_checkpoint(paths, warnings.append)
     assert len(warnings) == 2
     assert load_newest_good_checkpoint([], warnings.append) is None

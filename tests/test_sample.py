@@ -86,7 +86,7 @@ def test_ddim_matches_reference_loop(reference_model):
     case = load_golden("sampling")["ddim10_eta0.0_seed2"]
     torch.manual_seed(2)
     z = torch.randn(2, 4, 8, 8)
-    latents = denoise(reference_model, create_sampler(10, "ddim"), z, case["y"], cfg_scale=None, sampler="ddim")
+    latents = denoise(reference_model, create_sampler(10, "ddim"), z, case["y"], cfg_scale=None)
     assert_close_to_reference(latents, case["sample"], rel=1e-4)
 
 
@@ -303,3 +303,163 @@ def test_denoise_refuses_to_guide_a_model_without_null_label():
     model = DiT_models["DiT-S/8"](input_size=8, num_classes=1, class_dropout_prob=0).eval()
     with pytest.raises(ValueError, match="no null label .* cannot be guided"):
         denoise(model, create_sampler(2, "ddpm"), torch.randn(1, 4, 8, 8), torch.zeros(1, dtype=torch.long), cfg_scale=4.0)
+
+
+# ---------------------------------------------------------------- checkpoints that describe themselves
+
+@pytest.fixture(scope="module")
+def described(tmp_path_factory) -> dict:
+    """A train.py checkpoint whose args name its model, size and classes (as train.py saves
+    vars(args)); its raw weights differ from its EMA weights. Also the raw weights alone."""
+    folder = tmp_path_factory.mktemp("described")
+    ema = make_tiny_dit()
+    raw = dict(ema, **{"final_layer.linear.bias": ema["final_layer.linear.bias"] + 1.0})
+    args = {"model": "DiT-S/8", "image_size": 64, "num_classes": 10, "class_dropout_prob": 0.1, "vae": "ema", "vae_path": None}
+    path, raw_path = folder / "0000020.pt", folder / "raw.pt"
+    torch.save({"model": raw, "ema": ema, "args": args}, path)
+    torch.save(raw, raw_path)
+    return {"training": path, "raw": raw_path}
+
+
+def short_args(ckpt, vae_dir, out, *extra: str) -> list[str]:
+    return ["--ckpt", str(ckpt), "--vae-path", str(vae_dir), "--num-sampling-steps", str(STEPS), "--out", str(out), *extra]
+
+
+def test_a_training_checkpoint_needs_no_model_flags(described, tiny_dit_ckpts, tiny_vae_dir, tmp_path):
+    """Model, size and classes come from the checkpoint; 10 classes get the labels 0..7."""
+    try:
+        sample.main(short_args(described["training"], tiny_vae_dir, tmp_path / "short.png"))
+    finally:
+        configure_precision("fp32")
+    spelt_out = dict(tiny_dit_ckpts, training=described["training"])
+    labels = ("--class-labels", *map(str, range(8)))
+    run_in_process(spelt_out, tiny_vae_dir, tmp_path / "long.png", *labels)  # the later --class-labels wins
+    np.testing.assert_array_equal(pixels(tmp_path / "short.png"), pixels(tmp_path / "long.png"))
+    assert Image.open(tmp_path / "short.png").size == (4 * 66 + 2, 2 * 66 + 2)  # 8 images
+
+
+def test_default_labels_fit_the_class_count():
+    assert sample.default_labels(1000) == [207, 360, 387, 974, 88, 979, 417, 279]
+    assert sample.default_labels(10) == list(range(8))
+    assert sample.default_labels(3) == [0, 1, 2, 0, 1, 2, 0, 1]
+
+
+@pytest.mark.parametrize(
+    "extra, saved, given",
+    [(["--model", "DiT-S/4"], "--model DiT-S/8", "DiT-S/4"), (["--num-classes", "20"], "--num-classes 10", "20")],
+)
+def test_a_flag_that_contradicts_the_checkpoint_is_one_sentence(described, tiny_vae_dir, tmp_path, extra, saved, given):
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main(short_args(described["training"], tiny_vae_dir, tmp_path / "grid.png", *extra))
+    text = str(exit_info.value.code)
+    assert text.startswith(f"sample.py: error: checkpoint {described['training']} was trained with {saved} (now {given})")
+    assert "\n" not in text and not (tmp_path / "grid.png").exists()
+
+
+def test_raw_weights_are_the_checkpoints_model_entry(described, tiny_dit_ckpts, tiny_vae_dir, tmp_path):
+    """--weights raw samples checkpoint["model"]: the grid of the raw weights saved alone, not the EMA grid."""
+    ema = run_in_process(dict(tiny_dit_ckpts, training=described["training"]), tiny_vae_dir, tmp_path / "ema.png")
+    raw = run_in_process(dict(tiny_dit_ckpts, training=described["training"]), tiny_vae_dir, tmp_path / "raw.png", "--weights", "raw")
+    alone = run_in_process(dict(tiny_dit_ckpts, training=described["raw"]), tiny_vae_dir, tmp_path / "alone.png")
+    assert np.abs(raw - ema).mean() > 1
+    np.testing.assert_array_equal(raw, alone)
+
+
+def test_raw_weights_of_a_bare_file_is_one_sentence(tiny_dit_ckpts, tiny_vae_dir, tmp_path):
+    with pytest.raises(SystemExit, match=r"^sample.py: error: --weights raw: .*bare.pt holds one set of weights.*; drop --weights raw$"):
+        sample.main(tiny_args(dict(tiny_dit_ckpts, training=tiny_dit_ckpts["bare"]), tiny_vae_dir, tmp_path / "grid.png", "--weights", "raw"))
+
+
+def test_weights_for_another_model_name_the_config_they_were_made_for(tiny_dit_ckpts, tiny_vae_dir, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main(tiny_args(dict(tiny_dit_ckpts, training=tiny_dit_ckpts["bare"], model="DiT-B/4"), tiny_vae_dir, tmp_path / "grid.png"))
+    text = str(exit_info.value.code)
+    assert f"{tiny_dit_ckpts['bare']} holds DiT-S/8 at 8x8 latents, 4 channels, 11 label rows" in text
+    assert "not DiT-B/4 at 8x8, 4 channels, 10 classes" in text and "\n" not in text
+
+
+def test_describe_state_dict_reads_the_config_off_the_shapes():
+    from util.sampling import describe_state_dict
+
+    assert describe_state_dict(make_tiny_dit("DiT-B/4", input_size=16, num_classes=1000)) == (
+        "DiT-B/4 at 16x16 latents, 4 channels, 1001 label rows (1000 classes and the null label, or 1001 without)"
+    )
+    assert describe_state_dict({"w": torch.zeros(1)}) == "not a DiT state dict"
+
+
+def test_denoise_takes_a_sampler_that_knows_its_kind(reference_model):
+    """DDIM over a DDIM-respaced diffusion is one object: the same latents as the golden DDIM loop."""
+    from util.sampling import DiffusionLoop
+
+    sampler = create_sampler(10, "ddim")
+    assert isinstance(sampler, DiffusionLoop) and sampler.name == "ddim"
+    case = load_golden("sampling")["ddim10_eta0.0_seed2"]
+    torch.manual_seed(2)
+    latents = denoise(reference_model, sampler, torch.randn(2, 4, 8, 8), case["y"], cfg_scale=None)
+    assert_close_to_reference(latents, case["sample"], rel=1e-4)
+    with pytest.raises(ValueError, match="the diffusion loops are ddpm and ddim"):
+        DiffusionLoop("unipc", sampler.diffusion)
+
+
+@pytest.fixture(scope="module")
+def pixel_checkpoint(tmp_path_factory):
+    """A train.py checkpoint of a DiT on 16 px RGB pixels (--vae none): 3 channels, no autoencoder."""
+    torch.manual_seed(0)
+    model = DiT_models["DiT-S/8"](input_size=16, in_channels=3, num_classes=10)
+    for param in model.parameters():
+        if not param.any():
+            param.data.normal_(0, 0.02)
+    args = {"model": "DiT-S/8", "image_size": 16, "num_classes": 10, "class_dropout_prob": 0.1, "vae": "none", "vae_path": None}
+    path = tmp_path_factory.mktemp("pixels") / "0000005.pt"
+    torch.save({"model": model.state_dict(), "ema": model.state_dict(), "args": args}, path)
+    return path, model.eval()
+
+
+def test_a_pixel_space_checkpoint_writes_the_models_output(pixel_checkpoint, tmp_path):
+    """--vae none from the checkpoint: the grid is the denoised pixels themselves, 16 px each."""
+    from util.images import save_grid
+
+    path, model = pixel_checkpoint
+    out = tmp_path / "grid.png"
+    try:
+        sample.main(["--ckpt", str(path), "--num-sampling-steps", "2", "--out", str(out)])
+    finally:
+        configure_precision("fp32")
+    torch.manual_seed(0)
+    z = torch.randn(8, 3, 16, 16)
+    with torch.no_grad():
+        images = denoise(model, create_sampler(2, "ddpm"), z, torch.arange(8), cfg_scale=4.0)
+    save_grid(images, tmp_path / "expected.png")
+    assert Image.open(out).size == (4 * 18 + 2, 2 * 18 + 2)
+    assert np.abs(pixels(out) - pixels(tmp_path / "expected.png")).max() <= 1
+
+
+def test_a_latent_vae_for_a_pixel_checkpoint_is_one_sentence(pixel_checkpoint, tiny_vae_dir, tmp_path):
+    path, _ = pixel_checkpoint
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main(["--ckpt", str(path), "--vae", "ema", "--vae-path", str(tiny_vae_dir), "--out", str(tmp_path / "grid.png")])
+    text = str(exit_info.value.code)
+    assert text.startswith(f"sample.py: error: checkpoint {path} was trained with --vae none (now ema)") and "\n" not in text
+
+
+@pytest.mark.slow
+def test_any_autoencoder_folder_sets_the_channels_and_size(tmp_path):
+    """A 2-channel AutoencoderKL that downsamples by 4 (from --vae-path): the DiT takes 2 channels
+    at image size / 4, and the grid is decoded by that folder."""
+    from diffusers.models import AutoencoderKL
+
+    torch.manual_seed(0)
+    AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(8, 8, 8),
+        layers_per_block=1, latent_channels=2, norm_num_groups=4, sample_size=32,
+    ).save_pretrained(tmp_path / "vae")
+    model = DiT_models["DiT-S/4"](input_size=8, in_channels=2, num_classes=10)
+    path = tmp_path / "bare.pt"
+    torch.save(model.state_dict(), path)
+    out = tmp_path / "grid.png"
+    try:
+        sample.main(["--model", "DiT-S/4", "--image-size", "32", "--num-classes", "10", "--ckpt", str(path),
+                     "--vae-path", str(tmp_path / "vae"), "--num-sampling-steps", "2", "--out", str(out)])
+    finally:
+        configure_precision("fp32")
+    assert Image.open(out).size == (4 * 34 + 2, 2 * 34 + 2)

@@ -132,7 +132,7 @@ def test_image_i_comes_from_its_own_generator(one_process, tiny_dit_ckpts, tiny_
 
     x = torch.cat([z, z])
     labels = torch.cat([y, torch.tensor([10])])
-    latents = create_sampler(STEPS, "ddpm").p_sample_loop(
+    latents = create_sampler(STEPS, "ddpm").diffusion.p_sample_loop(
         model.forward_with_cfg, x.shape, x, clip_denoised=False, model_kwargs=dict(y=labels, cfg_scale=1.5), noise_fn=noise_fn
     )
     image = decode(load_vae("ema", torch.device("cpu"), str(tiny_vae_dir)), latents[:1])
@@ -265,3 +265,35 @@ def test_a_checkpoint_without_null_label_gives_one_unguided_set(tiny_vae_dir, tm
     kept = {name: os.stat(os.path.join(folder, name)).st_mtime_ns for name in os.listdir(folder) if name.endswith(".png")}
     run([sys.executable], ddp_args(ckpts, tiny_vae_dir, tmp_path / "one", 5, "--cfg-scale", "4"))
     assert {name: os.stat(os.path.join(folder, name)).st_mtime_ns for name in kept} == kept, "valid PNGs were sampled again"
+
+
+def test_npz_holds_each_images_label_as_arr_1(one_process):
+    """arr_1: image i's label, the one drawn from its own generator after its latent; the
+    resumed and 2-process runs compare the whole file, arr_1 included, with this one."""
+    labels = np.load(one_process[1])["arr_1"]
+    expected = []
+    for index in range(NUM_IMAGES):
+        generator = np.random.default_rng([0, index])
+        generator.standard_normal((4, 8, 8), dtype=np.float32)
+        expected.append(generator.integers(10))
+    assert labels.dtype == np.int64 and labels.tolist() == expected
+
+
+@pytest.mark.slow
+def test_a_training_checkpoint_needs_no_model_flags(one_process, tiny_dit_ckpts, tiny_vae_dir, tmp_path):
+    """--model, --image-size and --num-classes from the checkpoint's args give the same set."""
+    folder = tmp_path / "0000010.pt"
+    checkpoint = torch.load(tiny_dit_ckpts["training"], weights_only=True)
+    torch.save(dict(checkpoint, args={"model": "DiT-S/8", "image_size": 64, "num_classes": 10, "class_dropout_prob": 0.1}), folder)
+    short = ddp_args(dict(tiny_dit_ckpts, training=folder), tiny_vae_dir, tmp_path / "samples", 5)[6:]
+    assert short[0] == "--ckpt"
+    sample_ddp.main(short)
+    _, npz = set_paths(tmp_path / "samples")
+    with open(npz, "rb") as mine, open(one_process[1], "rb") as reference:
+        assert mine.read() == reference.read()
+
+
+def test_raw_weights_go_to_their_own_folder(tiny_dit_ckpts):
+    args, _ = sample_ddp.parse_args(["--ckpt", str(tiny_dit_ckpts["training"]), "--weights", "raw"])
+    assert "-0000010-raw-size-" in sample_ddp.sample_folder(args)
+    assert sample_ddp.recipe(args)["weights"] == "raw"

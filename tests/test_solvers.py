@@ -7,7 +7,7 @@ import torch
 from conftest import load_golden_model
 
 from diffusion import SpacedDiffusion, gd
-from util.sampling import create_sampler, denoise
+from util.sampling import DiffusionLoop, create_sampler, denoise
 from diffusion.solvers import SOLVERS, TIMESTEP_SPACINGS, Solver, make_scheduler
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -51,7 +51,7 @@ def test_first_order_solvers_are_ddim(model, inputs, name, options, spacing):
     solved = denoise(model, Solver(name, 10, scheduler), z, y, CFG_SCALE)
     ddim = ddim_on(scheduler.timesteps)
     assert ddim.timestep_map == sorted(int(t) for t in scheduler.timesteps) and len(ddim.timestep_map) == 10
-    reference = denoise(model, ddim, z, y, CFG_SCALE, sampler="ddim")
+    reference = denoise(model, DiffusionLoop("ddim", ddim), z, y, CFG_SCALE)
     # SPEC's tolerance for whole sampling loops: the schedulers keep alpha_bar and sigma in
     # float32 (the project in float64), and Euler scales x by up to sigma_max = 157 and back.
     assert relative_error(solved, reference) < 1e-4
@@ -61,7 +61,7 @@ def test_first_order_solvers_are_ddim(model, inputs, name, options, spacing):
 def ode_solution(model, inputs):
     """DDIM with eta 0 over all 1000 training steps: the probability-flow ODE, finely stepped."""
     z, y = inputs
-    return denoise(model, create_sampler(1000, "ddim"), z, y, CFG_SCALE, sampler="ddim")
+    return denoise(model, create_sampler(1000, "ddim"), z, y, CFG_SCALE)
 
 
 @pytest.mark.parametrize("name", ["dpm-solver++", "unipc", "heun"])
@@ -149,7 +149,7 @@ def test_one_step_returns_the_x0_prediction_at_t_999(model, inputs, sampler):
     wrapped = torch.nn.Module()  # a stand-in with the interface denoise uses
     wrapped.forward, wrapped.in_channels, wrapped.num_classes = recording_forward, model.in_channels, model.num_classes
     torch.manual_seed(0)
-    x0 = denoise(wrapped, create_sampler(1, sampler), z, y, cfg_scale=None, sampler=sampler)
+    x0 = denoise(wrapped, create_sampler(1, sampler), z, y, cfg_scale=None)
     assert [set(t) for t in seen] == [{999}]
     alpha_bar = np.prod(1 - np.linspace(1e-4, 0.02, 1000))
     eps = model(z, torch.full((3,), 999), y)[:, :4]

@@ -16,6 +16,30 @@ TMP_PREFIX = ".tmp-"
 CHECKPOINT_NAME = re.compile(r"(\d+)\.pt")
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that could not be used, in one sentence: what was tried, what would help
+    (`remedy`), and what could be given in its place (`instead`). Library code never names a
+    command-line flag; a script puts its own into the sentence with `with_flag`."""
+
+    def __init__(self, what: str, remedy: str | None = None, instead: str | None = None):
+        self.what, self.remedy, self.instead = what, remedy, instead
+        super().__init__(self.sentence(f"use {instead} instead" if instead else None))
+
+    def sentence(self, alternative: str | None) -> str:
+        advice = [part for part in (self.remedy, alternative) if part]
+        return "; ".join([self.what, ", or ".join(advice)]) if advice else self.what
+
+    def with_flag(self, option: str) -> str:
+        """The sentence a script prints, naming `option` (e.g. "--ckpt PATH") as the way to give
+        the alternative: "...; pass --ckpt PATH to a local checkpoint"."""
+        return self.sentence(f"pass {option} to {self.instead}" if self.instead else None)
+
+
+class WeightsError(CheckpointError):
+    """A source (file, folder, name, hub repo, state dict) that gives no DiT weights, or weights
+    that do not fit the model asked for."""
+
+
 def save_checkpoint(obj: Any, path: str) -> None:
     """torch.save to a temporary file in the same folder, then rename it over `path`.
 
@@ -48,7 +72,7 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> Any:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # a damaged file can fail anywhere in the unpickler, with any error type
-        raise ValueError(
+        raise CheckpointError(
             f"could not read checkpoint {path}: the file is corrupt, truncated or holds more than "
             f"tensors and plain values ({first_line(error)})"
         ) from error
@@ -103,7 +127,7 @@ def load_newest_good_checkpoint(
     """The first of `paths` (newest first) that loads, with its contents; None when there are none.
 
     A file that does not load (truncated by a crash, corrupt) is skipped with one line through
-    `warn`; when none loads, ValueError says so.
+    `warn`; when none loads, CheckpointError says so.
     """
     for path in paths:
         try:
@@ -111,5 +135,7 @@ def load_newest_good_checkpoint(
         except (ValueError, FileNotFoundError) as error:
             warn(f"skipping checkpoint {path}: it does not load ({first_line(error.__cause__ or error)}), so it can be deleted")
     if paths:
-        raise ValueError(f"none of the {len(paths)} checkpoints loads (the newest is {paths[0]}); delete them or pass --resume PATH")
+        raise CheckpointError(
+            f"none of the {len(paths)} checkpoints loads (the newest is {paths[0]})", remedy="delete them", instead="a checkpoint to resume from"
+        )
     return None

@@ -2,7 +2,7 @@
 
 The conversion only renames, splits and joins tensors: no value changes. The hub repos
 facebook/DiT-XL-2-256 and -512 hold the released weights in this layout (subfolder
-`transformer`); download.find_model reads such folders through `load_diffusers_folder`.
+`transformer`); util.pretrained.load_weights reads such folders through `load_diffusers_folder`.
 
 Export (`official_to_diffusers`) exists for the tests and for users who know the caveat:
   !! Stock diffusers does NOT compute the same function from these weights. Its timestep
@@ -19,6 +19,7 @@ import os
 import torch
 
 from models import sincos_2d
+from util.checkpoints import WeightsError
 
 CONFIG_FILE = "config.json"
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -123,7 +124,7 @@ def load_diffusers_folder(folder: str) -> dict[str, torch.Tensor]:
     with open(os.path.join(folder, CONFIG_FILE)) as f:
         config = json.load(f)
     if config.get("_class_name", "DiTTransformer2DModel") not in ("DiTTransformer2DModel", "Transformer2DModel"):
-        raise ValueError(f"{folder} holds a diffusers {config['_class_name']}, not a DiTTransformer2DModel")
+        raise WeightsError(f"{folder} holds a diffusers {config['_class_name']}, not a DiTTransformer2DModel")
     safetensors_path, bin_path = (os.path.join(folder, name) for name in WEIGHT_FILES)
     if os.path.isfile(safetensors_path):
         from safetensors.torch import load_file
@@ -134,4 +135,4 @@ def load_diffusers_folder(folder: str) -> dict[str, torch.Tensor]:
     try:
         return diffusers_to_official(state_dict, config)
     except (KeyError, ValueError) as error:  # KeyError: a config entry is missing
-        raise ValueError(f"{folder} is not a DiT in diffusers' layout: {error}") from error
+        raise WeightsError(f"{folder} is not a DiT in diffusers' layout: {error}") from error

@@ -11,7 +11,8 @@ from typing import IO, Iterator
 
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 NOT_WRITABLE_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)
-# What torch.save raises when the disk fills up under it (its writer checks the bytes written).
+# The text of the errno-less RuntimeError torch.save raises when the disk fills up under it
+# (its writer checks the bytes written); the only errors recognised by text.
 TORCH_SHORT_WRITE_MARKERS = ("unexpected pos", "file write failed")
 RUN_NUMBER = re.compile(r"^(\d+)-")
 
@@ -24,13 +25,18 @@ class WriteError(OSError):
 
 
 def write_error_message(error: BaseException, path: str, action: str = "write") -> str | None:
-    """One sentence for a disk-full or not-writable error of `action` on `path`; None for any other error."""
-    if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS:
+    """One sentence for a disk-full or not-writable error of `action` on `path`; None for any other error.
+
+    The OS's errno decides wherever there is one; torch.save's own writer is the exception."""
+    code = error.errno if isinstance(error, OSError) else None
+    if code in DISK_FULL_ERRNOS:
         return f"cannot {action} {path}: the disk is full ({error.strerror}); free some space and run again"
+    if code in NOT_WRITABLE_ERRNOS:
+        return f"cannot {action} {path}: the folder is read-only or not writable ({error.strerror})"
+    # Fallback for torch.save alone: its C++ writer reports a short write as a RuntimeError that
+    # carries no errno, only this text.
     if isinstance(error, RuntimeError) and any(marker in str(error) for marker in TORCH_SHORT_WRITE_MARKERS):
         return f"cannot {action} {path}: the disk is full (torch.save could not write all bytes); free some space and run again"
-    if isinstance(error, OSError) and error.errno in NOT_WRITABLE_ERRNOS:
-        return f"cannot {action} {path}: the folder is read-only or not writable ({error.strerror})"
     return None
 
 

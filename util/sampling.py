@@ -1,71 +1,155 @@
-"""What sample.py and sample_ddp.py share: a DiT loaded for sampling, the sampler, the guided loop.
+"""What sample.py and sample_ddp.py share: a DiT built for a checkpoint's weights, the sampler,
+the guided loop.
 
-Checkpoints without a null label (train.py --class-dropout-prob 0, e.g. unconditional training
-with --num-classes 1) have a label table of --num-classes rows instead of --num-classes + 1.
-load_model tells the two apart by that row count (and refuses a training checkpoint whose
-stored --num-classes differs from the one passed). Such a model cannot be guided: classifier-
-free guidance needs the null label's prediction (Section 3.1). So the scripts sample it without
-guidance whatever --cfg-scale says, and print one line saying so when --cfg-scale is not 1;
-refusing instead would make every command for such a checkpoint spell out --cfg-scale 1.
+Checkpoints without a null label (train.py with class dropout 0, e.g. unconditional training
+with one class) have a label table of num_classes rows instead of num_classes + 1. A train.py
+checkpoint says which through its saved `class_dropout_prob`; for any other source the row
+count tells. Such a model cannot be guided: classifier-free guidance needs the null label's
+prediction (Section 3.1), so `guidance_scale` turns guidance off for it.
 """
 from __future__ import annotations
 
 import functools
-import os
-from typing import Callable, Sequence
+import math
+from dataclasses import dataclass
+from typing import Callable, Union
 
 import torch
 
 from diffusion import SpacedDiffusion, create_diffusion
-from util.checkpoints import load_checkpoint, model_weights
-from util.pretrained import PRETRAINED_MODELS, find_model
-from models import DiT, DiT_models, check_state_dict
-from util.precision import autocast
 from diffusion.solvers import DEFAULT_SPACING, SOLVERS, Solver, make_scheduler
-from util.vae import latent_size
+from models import DiT, DiT_models, check_state_dict
+from util.checkpoints import WeightsError
+from util.precision import autocast
 
 # The reference's two loops, then diffusers' solvers (solvers.py).
 SAMPLERS = ("ddpm", "ddim", *SOLVERS)
 # Bad input surfaces as one of these while a script sets up; scripts print it as one line.
 SETUP_ERRORS = (ValueError, OSError, RuntimeError)
 LABEL_TABLE = "y_embedder.embedding_table.weight"
+PATCH_WEIGHT = "x_embedder.proj.weight"
 
 
-def check_labels(labels: Sequence[int], num_classes: int) -> None:
-    """Check class labels on the host, before they reach an accelerator."""
-    bad = [label for label in labels if not 0 <= label < num_classes]
-    if bad:
-        raise ValueError(f"class labels must lie in [0, {num_classes - 1}] for --num-classes {num_classes}, got {bad}")
+class SamplerError(ValueError):
+    """A step count a sampler cannot take; `reason` says why."""
+
+    def __init__(self, name: str, num_steps: int, reason: str):
+        self.name, self.num_steps, self.reason = name, num_steps, reason
+        super().__init__(f"{num_steps} steps do not work with the {name} sampler: {reason}")
 
 
-def default_checkpoint(model_name: str, image_size: int) -> str:
-    """The released checkpoint for this model and size; only DiT-XL/2 at 256 and 512 px has one."""
-    name = f"DiT-XL-2-{image_size}x{image_size}.pt"
-    if model_name != "DiT-XL/2" or name not in PRETRAINED_MODELS:
-        raise ValueError(
-            f"there is no released checkpoint for {model_name} at {image_size} px (only DiT-XL/2 at 256 "
-            f"and 512 px); pass --ckpt PATH"
+@dataclass(frozen=True)
+class DiffusionLoop:
+    """The reference's loops over a respaced diffusion: DDPM's ancestral sampling (Ho et al.
+    2020) or DDIM with eta 0 (Song et al. 2021), on the steps the diffusion was respaced to."""
+
+    name: str  # "ddpm" or "ddim"
+    diffusion: SpacedDiffusion
+
+    def __post_init__(self) -> None:
+        if self.name not in ("ddpm", "ddim"):
+            raise SamplerError(self.name, len(self.diffusion.timestep_map), "the diffusion loops are ddpm and ddim")
+
+    def run(self, model_fn: Callable, x: torch.Tensor, labels: torch.Tensor, noise_fn: Callable, progress: bool) -> torch.Tensor:
+        loop = self.diffusion.ddim_sample_loop if self.name == "ddim" else self.diffusion.p_sample_loop
+        return loop(
+            model_fn, x.shape, x, clip_denoised=False, model_kwargs=dict(y=labels),
+            progress=progress, device=x.device, noise_fn=noise_fn,
         )
-    return name
 
 
-def read_checkpoint(ckpt: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """The weights to sample with and the training flags stored with them ({} when there are none)."""
-    if ckpt in PRETRAINED_MODELS or not os.path.isfile(ckpt):
-        return find_model(ckpt), {}
-    checkpoint = load_checkpoint(ckpt)
-    saved_args = checkpoint.get("args") if isinstance(checkpoint, dict) else None
-    return model_weights(checkpoint), saved_args if isinstance(saved_args, dict) else {}
+# A sampler knows its kind: a diffusion loop, or a diffusers solver (solvers.py).
+Sampler = Union[DiffusionLoop, Solver]
 
 
-def checkpoint_has_null_label(state_dict: dict[str, torch.Tensor], saved_args: dict, num_classes: int, ckpt: str) -> bool:
-    """Whether the label table has the null row: --num-classes + 1 rows with it, --num-classes
-    without. A label table of any other size is left to check_state_dict to report."""
-    saved_classes = saved_args.get("num_classes", num_classes)
-    if saved_classes != num_classes:  # else N classes + null and N + 1 classes look alike
-        raise ValueError(f"checkpoint {ckpt} was trained with --num-classes {saved_classes} (now {num_classes}); pass --num-classes {saved_classes}")
-    table = state_dict.get(LABEL_TABLE) if isinstance(state_dict, dict) else None
+def create_sampler(num_steps: int, name: str, timestep_spacing: str = DEFAULT_SPACING) -> Sampler:
+    """DDPM over `num_steps` evenly spaced steps, DDIM over `num_steps` steps at an integer
+    stride, or one of diffusers' solvers over `num_steps` steps placed by `timestep_spacing`."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+    if not 1 <= num_steps <= 1000:
+        raise SamplerError(name, num_steps, "the step count must lie in [1, 1000] (the training steps)")
+    if name in SOLVERS:
+        return Solver(name, num_steps, make_scheduler(name, timestep_spacing))
+    try:
+        return DiffusionLoop(name, create_diffusion(f"ddim{num_steps}" if name == "ddim" else str(num_steps)))
+    except ValueError as error:
+        raise SamplerError(name, num_steps, str(error)) from error
+
+
+# ---------------------------------------------------------------- weights -> model
+
+@functools.cache
+def model_shapes() -> dict[tuple[int, int, int], str]:
+    """(depth, hidden size, patch size) -> the DiT_models name (paper Table 1)."""
+    shapes = {}
+    for name, build in DiT_models.items():
+        with torch.device("meta"):
+            model = build(input_size=32)
+        shapes[(len(model.blocks), model.x_embedder.proj.out_channels, model.patch_size)] = name
+    return shapes
+
+
+def describe_state_dict(state_dict: dict[str, torch.Tensor]) -> str:
+    """What a DiT state dict was made for, read off its shapes, e.g. "DiT-S/8 at 32x32 latents,
+    4 channels, 1001 label rows (1000 classes and the null label)"; "not a DiT state dict" when
+    it lacks the tensors that tell."""
+    try:
+        hidden, in_channels, patch, _ = state_dict[PATCH_WEIGHT].shape
+        tokens, rows = state_dict["pos_embed"].shape[1], state_dict[LABEL_TABLE].shape[0]
+        depth = 1 + max(int(key.split(".")[1]) for key in state_dict if key.startswith("blocks."))
+    except (KeyError, ValueError, AttributeError, IndexError):
+        return "not a DiT state dict"
+    name = model_shapes().get((depth, hidden, patch), f"a DiT of depth {depth}, width {hidden}, patch {patch}")
+    side = math.isqrt(tokens) * patch
+    space = "pixels" if in_channels == 3 else "latents"
+    classes = "1 label row (1 class, no null label)" if rows == 1 else f"{rows} label rows ({rows - 1} classes and the null label, or {rows} without)"
+    return f"{name} at {side}x{side} {space}, {in_channels} channels, {classes}"
+
+
+def has_null_row(state_dict: dict[str, torch.Tensor], num_classes: int) -> bool:
+    """Whether the label table has the null row: num_classes + 1 rows with it, num_classes
+    without. A table of any other size is left to the shape check to report."""
+    table = state_dict.get(LABEL_TABLE)
     return not (isinstance(table, torch.Tensor) and table.ndim == 2 and table.shape[0] == num_classes)
+
+
+def build_model(
+    state_dict: dict[str, torch.Tensor],
+    model_name: str,
+    input_size: int,
+    num_classes: int,
+    in_channels: int = 4,
+    null_label: bool | None = None,
+    source: str = "the checkpoint",
+) -> DiT:
+    """The DiT `model_name` for (in_channels, input_size, input_size) inputs with `state_dict`
+    loaded, in eval mode, fp32, on the CPU. `null_label` None: as the label table's rows say.
+
+    The model is built on the meta device, so the weights are not initialised only to be
+    overwritten. Weights made for another config raise WeightsError naming that config and
+    the first shape that differs.
+    """
+    if model_name not in DiT_models:
+        raise WeightsError(f"unknown model {model_name!r}; choose one of {', '.join(DiT_models)}")
+    null_label = has_null_row(state_dict, num_classes) if null_label is None else null_label
+    with torch.device("meta"):
+        model = DiT_models[model_name](
+            input_size=input_size, in_channels=in_channels, num_classes=num_classes, class_dropout_prob=0.1 if null_label else 0.0
+        )
+    try:
+        check_state_dict(model, state_dict, what=source)
+    except ValueError as error:
+        wanted = f"{model_name} at {input_size}x{input_size}, {in_channels} channels, {num_classes} classes"
+        raise WeightsError(f"{source} holds {describe_state_dict(state_dict)}, not {wanted} ({first_problem(error)})") from error
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    return model.float().eval().requires_grad_(False)
+
+
+def first_problem(error: ValueError) -> str:
+    """The first difference check_state_dict names, e.g. "pos_embed expected (1, 4, 384) found (1, 1, 384)"."""
+    detail = str(error).split("does not fit the model: ", 1)[-1]
+    return detail.split(" | ")[0].split("; ")[0]
 
 
 def has_null_label(model: DiT) -> bool:
@@ -73,94 +157,51 @@ def has_null_label(model: DiT) -> bool:
     return model.y_embedder.embedding_table.num_embeddings > model.num_classes
 
 
-def guidance_scale(model: DiT, cfg_scale: float) -> tuple[float, str | None]:
-    """The guidance scale the model can take, and a line to print when it is not `cfg_scale`:
-    a model without a null label samples unguided (scale 1)."""
-    if has_null_label(model) or cfg_scale == 1.0:
-        return cfg_scale, None
-    return 1.0, f"--cfg-scale {cfg_scale}: guidance is off because the checkpoint has no null label (trained with --class-dropout-prob 0)"
-
-
-def load_model(model_name: str, image_size: int, num_classes: int, ckpt: str | None, device: torch.device) -> DiT:
-    """The DiT `model_name` with the weights of `ckpt` (default: the released one), in eval mode.
-
-    The model is built on the meta device, so the weights are not initialised only to be
-    overwritten; a checkpoint that does not fit fails naming the expected and found shapes.
-    It has a null label exactly when the checkpoint has one.
-    """
-    if model_name not in DiT_models:
-        raise ValueError(f"unknown model {model_name!r}; choose one of {', '.join(DiT_models)}")
-    build = functools.partial(DiT_models[model_name], input_size=latent_size(image_size), num_classes=num_classes)
-    with torch.device("meta"):
-        model = build()  # a size that cannot work fails here, before a checkpoint is read or downloaded
-    ckpt = ckpt or default_checkpoint(model_name, image_size)
-    state_dict, saved_args = read_checkpoint(ckpt)
-    if not checkpoint_has_null_label(state_dict, saved_args, num_classes, ckpt):
-        with torch.device("meta"):
-            model = build(class_dropout_prob=0.0)  # no label is dropped, so there is no null row
-    check_state_dict(
-        model, state_dict, what=f"checkpoint {ckpt} (for {model_name}, --image-size {image_size}, --num-classes {num_classes})"
-    )
-    model.load_state_dict(state_dict, strict=True, assign=True)
-    return model.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
+def guidance_scale(model: DiT, cfg_scale: float) -> float:
+    """The guidance scale the model can take: a model without a null label samples unguided (1)."""
+    return cfg_scale if has_null_label(model) else 1.0
 
 
 def compile_for_sampling(model: DiT) -> DiT:
-    """torch.compile the model in place (its guided forward too), with the weights frozen:
-    inductor then treats them as constants it can fold and pre-pack.
+    """torch.compile the model's forward (so its guided forward too, which calls the model),
+    with the weights frozen: inductor then treats them as constants it can fold and pre-pack.
 
     `freezing` is read while a graph is traced and compiled, which happens at calls (the
     first one and each new input shape), and a compile option reaches inductor but not the
-    tracer, which then keeps the weights as inputs. So every call of the compiled model runs
+    tracer, which then keeps the weights as inputs. So every call of the compiled forward runs
     under `inductor_config.patch`, and nothing is changed for the rest of the process.
     """
     from torch._inductor import config as inductor_config
 
-    model.requires_grad_(False).compile()
-    model._compiled_call_impl = inductor_config.patch(freezing=True)(model._compiled_call_impl)
+    model.requires_grad_(False)
+    model.forward = inductor_config.patch(freezing=True)(torch.compile(model.forward))
     return model
-
-
-def create_sampler(num_steps: int, sampler: str, timestep_spacing: str = DEFAULT_SPACING) -> SpacedDiffusion | Solver:
-    """DDPM over `num_steps` evenly spaced steps, DDIM over `num_steps` steps at an integer
-    stride, or one of diffusers' solvers over `num_steps` steps placed by `timestep_spacing`."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    if not 1 <= num_steps <= 1000:
-        raise ValueError(f"--num-sampling-steps must lie in [1, 1000], got {num_steps}")
-    if sampler in SOLVERS:
-        return Solver(sampler, num_steps, make_scheduler(sampler, timestep_spacing))
-    respacing = f"ddim{num_steps}" if sampler == "ddim" else str(num_steps)
-    try:
-        return create_diffusion(respacing)
-    except ValueError as error:
-        raise ValueError(f"--num-sampling-steps {num_steps} does not work with --sampler {sampler}: {error}") from error
 
 
 def denoise(
     model: DiT,
-    diffusion: SpacedDiffusion | Solver,
+    sampler: Sampler,
     z: torch.Tensor,
     y: torch.Tensor,
     cfg_scale: float | None,
-    sampler: str = "ddpm",
     precision: str = "fp32",
     all_eps_channels: bool = False,
     noise_fn: Callable[[torch.Tensor], torch.Tensor] = torch.randn_like,
     progress: bool = False,
 ) -> torch.Tensor:
-    """Run the reverse process from starting latents z (N, C, L, L) with labels y (N,).
+    """Run the reverse process of `sampler` (from create_sampler) from starting latents z
+    (N, C, L, L) with labels y (N,).
 
     With a cfg_scale the batch is [z; z] with labels [y; null] and the model's guided
     forward (DiT's classifier-free guidance); None samples without guidance. Returns the
     N final latents. The model runs under `precision`; the diffusion arithmetic stays fp32.
-    A Solver (from create_sampler) integrates the N latents themselves and takes the
-    guided noise prediction only: the variance channels play no part in an ODE.
+    A Solver integrates the N latents themselves and takes the guided noise prediction only:
+    the variance channels play no part in an ODE.
     """
     if cfg_scale is None:
         x, labels, forward = z, y, model.forward
     elif not has_null_label(model):
-        raise ValueError("this model has no null label (trained with --class-dropout-prob 0), so it cannot be guided; pass cfg_scale None")
+        raise ValueError("this model has no null label (trained without class dropout), so it cannot be guided; pass cfg_scale None")
     else:
         x = torch.cat([z, z])
         labels = torch.cat([y, torch.full_like(y, model.num_classes)])
@@ -170,18 +211,12 @@ def denoise(
         with autocast(precision, x.device):
             return forward(x, t, y).float()
 
-    if isinstance(diffusion, Solver):
+    if isinstance(sampler, Solver):
         copies = len(x) // len(z)  # [x; x] with guidance
 
         def eps_fn(latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             out = model_fn(latents.repeat(copies, 1, 1, 1), t.repeat(copies), labels)
             return out[: len(latents), : model.in_channels]
 
-        return diffusion.sample(eps_fn, z, noise_fn=noise_fn, progress=progress)
-
-    loop = diffusion.ddim_sample_loop if sampler == "ddim" else diffusion.p_sample_loop
-    samples = loop(
-        model_fn, x.shape, x, clip_denoised=False, model_kwargs=dict(y=labels),
-        progress=progress, device=x.device, noise_fn=noise_fn,
-    )
-    return samples[: len(z)]
+        return sampler.sample(eps_fn, z, noise_fn=noise_fn, progress=progress)
+    return sampler.run(model_fn, x, labels, noise_fn, progress)[: len(z)]
