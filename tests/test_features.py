@@ -57,6 +57,7 @@ def as_pairs(x: torch.Tensor) -> torch.Tensor:
     return torch.stack(x.chunk(2), dim=1)
 
 
+@pytest.mark.slow
 def test_store_layout(store, image_folder):
     meta = json.loads((store / "meta.json").read_text())
     assert (meta["image_size"], meta["latent_size"], meta["count"], meta["dtype"]) == (64, 8, 24, "float16")
@@ -69,6 +70,7 @@ def test_store_layout(store, image_folder):
     assert data_bytes == 24 * feature_bytes_per_image(8, "float16")  # each .npy has a 128-byte header
 
 
+@pytest.mark.slow
 def test_stored_mean_and_std_are_the_vae_posterior_of_image_and_mirror(store, on_the_fly):
     _, _, posterior = on_the_fly
     arrays = open_feature_arrays(str(store))
@@ -76,6 +78,7 @@ def test_stored_mean_and_std_are_the_vae_posterior_of_image_and_mirror(store, on
     assert torch.equal(torch.from_numpy(np.array(arrays["std"])), as_pairs(posterior.std).half())
 
 
+@pytest.mark.slow
 def test_same_eps_gives_the_same_latents_float16(store, on_the_fly):
     _, _, posterior = on_the_fly
     dataset = FeatureDataset(str(store))
@@ -101,6 +104,7 @@ def test_same_eps_gives_the_same_latents_float32(store32, on_the_fly):
     assert torch.equal(ours, train.latents_from_images(vae, pixels))
 
 
+@pytest.mark.slow
 def test_training_from_features_matches_training_from_images(tmp_path, store32, image_folder, tiny_vae_dir):
     common = ["--vae-path", str(tiny_vae_dir), *TINY, "--max-steps", "2", "--log-every", "1"]
     train.main([*common, "--data-path", str(image_folder), "--results-dir", str(tmp_path / "images")])
@@ -111,6 +115,7 @@ def test_training_from_features_matches_training_from_images(tmp_path, store32, 
     assert from_features == pytest.approx(from_images, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_interrupted_extraction_continues_under_torchrun(tmp_path, store, image_folder, tiny_vae_dir):
     partial = tmp_path / "partial"
     shutil.copytree(store, partial)
@@ -130,6 +135,7 @@ def test_interrupted_extraction_continues_under_torchrun(tmp_path, store, image_
         np.testing.assert_allclose(finished[name][lost].astype(np.float32), reference[name][lost].astype(np.float32), rtol=2e-3, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_extraction_into_a_store_of_other_settings_is_refused(store, image_folder, tiny_vae_dir):
     args = extract_args(image_folder, tiny_vae_dir, store)
     args[args.index("--image-size") + 1] = "128"
@@ -137,6 +143,7 @@ def test_extraction_into_a_store_of_other_settings_is_refused(store, image_folde
         extract_features.main(args)
 
 
+@pytest.mark.slow
 def test_training_refuses_features_of_another_image_size_or_vae(tmp_path, store, tiny_vae_dir):
     args = ["--feature-path", str(store), "--vae-path", str(tiny_vae_dir), "--results-dir", str(tmp_path), *TINY]
     wrong_size = [*args[: args.index("--image-size") + 1], "128", *args[args.index("--image-size") + 2 :]]
