@@ -80,7 +80,7 @@ class Autoencoder:
 
     @property
     def is_pixels(self) -> bool:
-        return self.name == PIXEL_SPACE
+        return self.name == PIXEL_SPACE and self.module is None
 
     def latent_size(self, image_size: int) -> int:
         """Side of the latent of a square image of side image_size.
