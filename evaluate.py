@@ -114,17 +114,34 @@ def is_image_batch(path: str) -> bool:
         return "arr_0" in npz.files
 
 
+def read_npy_header(f, path: str, key: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """Shape, Fortran order and dtype of the .npy member `key` open as f, leaving f at its data."""
+    version = np.lib.format.read_magic(f)
+    if version not in ((1, 0), (2, 0)):
+        raise ValueError(f"{path}: {key} is stored in .npy format {version}, which is not read here; re-save it with np.savez")
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    return read_header(f)
+
+
+def stored_rows(path: str, key: str) -> int | None:
+    """The first dimension of the array `key` of an .npz, from its header alone; None without one."""
+    try:
+        with zipfile.ZipFile(path) as archive, archive.open(f"{key}.npy") as f:
+            shape, _, _ = read_npy_header(f, path, key)
+    except KeyError:  # no such array: the full check of the file says what it lacks
+        return None
+    except zipfile.BadZipFile as error:
+        raise ValueError(f"{path} is damaged ({error})") from None
+    return shape[0] if shape else None
+
+
 @contextmanager
 def open_images(path: str) -> Iterator[tuple[tuple[int, ...], object]]:
     """arr_0's shape and a file object at the start of its data, read from the archive without
     loading it (a 50K batch at 256 px is ~10 GB)."""
     try:
         with zipfile.ZipFile(path) as archive, archive.open("arr_0.npy") as f:
-            version = np.lib.format.read_magic(f)
-            if version not in ((1, 0), (2, 0)):
-                raise ValueError(f"{path}: arr_0 is stored in .npy format {version}, which is not read here; re-save it with np.savez")
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, fortran_order, dtype = read_header(f)
+            shape, fortran_order, dtype = read_npy_header(f, path, "arr_0")
             if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or shape[0] == 0 or fortran_order:
                 raise ValueError(
                     f"{path}: arr_0 must be a C-ordered uint8 array of shape (N, H, W, 3) with N >= 1, "
@@ -236,15 +253,28 @@ def activation_path(image_path: str) -> str:
 # ---------------------------------------------------------------- the metrics
 
 
-def fid_statistics(features: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and covariance in float64; a covariance of fewer samples than dimensions is singular."""
-    num, dim = features.shape
-    if num <= dim:
-        raise ValueError(
-            f"{name} has {num} samples, and its {dim}-dimensional covariance needs more than {dim} "
-            f"(the papers use 50,000), or stored mu/sigma"
-        )
+def fid_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance in float64. From no more samples than dimensions the covariance is
+    singular and the distance biased upward, but defined (ADM computes it too)."""
     return features.mean(axis=0, dtype=np.float64), np.cov(features, rowvar=False)
+
+
+def check_count(name: str, count: int) -> None:
+    """Precision and recall need a k-th neighbour besides the image itself; the rest needs less."""
+    if count <= NEIGHBOURHOOD:
+        raise ValueError(f"{name} has {count} image{'' if count == 1 else 's'}; precision and recall need more than {NEIGHBOURHOOD}")
+
+
+def small_set_warning(ref: Activations, sample: Activations) -> str | None:
+    """One line when FID or sFID comes from a rank-deficient covariance (no stored statistics)."""
+    sizes = [
+        (len(acts.pool), name) for name, acts in (("reference", ref), ("sample", sample))
+        if acts.stats is None and len(acts.pool) <= max(acts.pool.shape[1], acts.spatial.shape[1])
+    ]
+    if not sizes:
+        return None
+    count, name = min(sizes)
+    return f"warning: FID (and sFID) from {count:,} {name} images is biased upward; ADM's numbers use 50,000"
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6) -> float:
@@ -326,14 +356,13 @@ def precision_recall(ref: torch.Tensor, sample: torch.Tensor, block: int = DISTA
 def evaluate(ref: Activations, sample: Activations, device: torch.device) -> dict[str, float]:
     """The five numbers of SAMPLE against REF; stored mu/sigma take precedence, as in ADM."""
     for name, acts in (("the reference", ref), ("the sample", sample)):
-        if len(acts.pool) <= NEIGHBOURHOOD:
-            raise ValueError(f"{name} has {len(acts.pool)} images; precision and recall need more than {NEIGHBOURHOOD}")
+        check_count(name, len(acts.pool))
     stats = {}
     for name, acts in (("reference", ref), ("sample", sample)):
         if acts.stats is not None:
             stats[name] = (acts.stats["mu"], acts.stats["sigma"]), (acts.stats["mu_s"], acts.stats["sigma_s"])
         else:
-            stats[name] = fid_statistics(acts.pool, f"the {name} pool"), fid_statistics(acts.spatial, f"the {name} spatial")
+            stats[name] = fid_statistics(acts.pool), fid_statistics(acts.spatial)
     precision, recall = precision_recall(torch.from_numpy(ref.pool).to(device), torch.from_numpy(sample.pool).to(device))
     return {
         "inception_score": inception_score(sample.softmax),
@@ -369,8 +398,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def check_input_sizes(paths: tuple[str, str]) -> None:
+    """Both inputs' image counts, from the .npz headers, before the network runs on either."""
+    for name, path in zip(("the reference", "the sample"), paths):
+        count = stored_rows(path, "arr_0" if is_image_batch(path) else "pool")
+        if count is not None:
+            check_count(f"{name} {path}", count)
+
+
 def read_inputs(args: argparse.Namespace, device: torch.device) -> tuple[Activations, Activations]:
     """Both inputs as activations; the network is built only when one of them is images."""
+    check_input_sizes((args.ref, args.sample))
     model = None
     inputs = []
     for path in (args.ref, args.sample):
@@ -393,7 +431,13 @@ def main(argv: list[str] | None = None) -> None:
     configure_precision("fp32")  # no TF32: the features and distances are ADM's float32 ones
     try:
         ref, sample = read_inputs(args, device)
-        scores = evaluate(ref, sample, device)
+        warning = small_set_warning(ref, sample)
+        if warning:
+            print(warning, file=sys.stderr)
+        with warnings.catch_warnings():
+            if warning:  # what scipy would add about the singular covariance, the line above says
+                warnings.simplefilter("ignore", linalg.LinAlgWarning)
+            scores = evaluate(ref, sample, device)
     except ValueError as error:
         sys.exit(f"evaluate.py: error: {error}")
     print(f"Inception Score: {scores['inception_score']}\nFID: {scores['fid']}\nsFID: {scores['sfid']}")

@@ -1,8 +1,10 @@
 """Encode an image folder once with the VAE, for training with `train.py --feature-path`.
 
-For every image the store keeps the VAE posterior's mean and std of the image and of its
-mirror image, so training can still draw the flip and the latent sample afresh at each step
-(`latent = (mean + std * eps) * 0.18215`): the same distribution as encoding on the fly.
+For every image the store keeps the autoencoder posterior's mean and std of the image and of
+its mirror image (of the image alone with --no-flip), so training can still draw the flip and
+the latent sample afresh at each step (`latent = (mean + std * eps - shift) * scale`, with the
+autoencoder's numbers that meta.json records): the same distribution as encoding on the fly.
+Any diffusers AutoencoderKL folder works (--vae-path); the arrays take its channels and size.
 
   torchrun --nproc_per_node=8 extract_features.py --data-path /data/imagenet/train --feature-path features/in256
   python extract_features.py --data-path DIR --feature-path DIR            (one GPU, or the CPU)
@@ -22,23 +24,25 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from util.flags import add_data_flags, add_vae_flags, make_parser
+from util.flags import add_data_flags, add_vae_flags, make_parser, vae_error_sentence
 from util.data import (
     FEATURE_DTYPES,
     FEATURE_FORMAT,
     ImageDataset,
     create_feature_store,
+    feature_autoencoder,
     feature_bytes_per_image,
+    feature_views,
     open_feature_arrays,
     read_feature_meta,
     vae_encoder_fingerprint,
 )
 from util.files import nearest_existing, output_folder_problem, write_error_message
 from util.distributed import any_rank, barrier, cleanup_distributed, create_logger, gather_from_all, setup_distributed
-from util.vae import HUB_VAES, latent_size, load_vae
+from util.vae import HUB_VAES, PIXEL_SPACE, SD_LATENT_CHANNELS, Autoencoder, AutoencoderError, load_autoencoder, read_autoencoder
 
-# Settings that must agree between a feature folder and the run that continues or uses it.
-MATCHING_META_KEYS = ("image_size", "dtype", "count", "classes", "vae_encoder")
+# Settings that must agree between a feature folder and the run that continues it.
+MATCHING_META_KEYS = ("image_size", "dtype", "count", "classes", "vae_encoder", "flip", "latent_space")
 FEATURE_FILES = ("mean.npy", "std.npy", "labels.npy", "done.npy")
 FLUSH_EVERY_BATCHES = 50
 LOG_EVERY_BATCHES = 20
@@ -48,8 +52,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = make_parser("Pre-extract VAE posteriors of an ImageFolder for train.py --feature-path.")
     add_data_flags(parser, required=True)
     parser.add_argument("--feature-path", type=str, required=True, help="output folder (created, or continued)")
-    parser.add_argument("--image-size", type=int, default=256, help="center-crop size in pixels, a multiple of 8")
+    parser.add_argument("--image-size", type=int, default=256, help="center-crop size in pixels, a multiple of the VAE's down-sampling (8 for the SD VAEs)")
     add_vae_flags(parser, default="ema")
+    parser.add_argument(
+        "--no-flip", action="store_true",
+        help="store each image only, not also its mirror (half the disk); training then never flips",
+    )
     parser.add_argument("--batch-size", type=int, default=32, help="images per process per batch")
     parser.add_argument("--dtype", type=str, choices=FEATURE_DTYPES, default="float16", help="storage type of mean and std")
     return parser.parse_args(argv)
@@ -74,11 +82,12 @@ class ExtractionItems(Dataset):
 
 
 @torch.no_grad()
-def encode_posterior(vae: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Posterior mean and std of each image and its mirror: two (N, 2, 4, L, L) tensors."""
-    posterior = vae.encode(torch.cat([images, images.flip(-1)])).latent_dist
-    n = len(images)
-    return torch.stack([posterior.mean[:n], posterior.mean[n:]], dim=1), torch.stack([posterior.std[:n], posterior.std[n:]], dim=1)
+def encode_posterior(vae: torch.nn.Module, images: torch.Tensor, flip: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std of each image and its mirror (of the image alone unless flip):
+    two (N, views, C, L, L) tensors."""
+    views = [images, images.flip(-1)] if flip else [images]
+    posterior = vae.encode(torch.cat(views)).latent_dist
+    return torch.stack(posterior.mean.chunk(len(views)), dim=1), torch.stack(posterior.std.chunk(len(views)), dim=1)
 
 
 def shard_of_pending(done: np.ndarray, rank: int, world_size: int, batch_size: int) -> list[int]:
@@ -92,13 +101,21 @@ def shard_of_pending(done: np.ndarray, rank: int, world_size: int, batch_size: i
     return pending[rank::world_size]
 
 
+def store_settings(meta: dict) -> dict:
+    """The settings of MATCHING_META_KEYS, with the defaults of stores that do not record them;
+    the latent space without the VAE's name (the hub's ema and mse VAEs share an encoder)."""
+    latent_space = {key: value for key, value in feature_autoencoder(meta).items() if key != "vae"}
+    return {**meta, "flip": feature_views(meta) == 2, "latent_space": latent_space}
+
+
 def check_existing_store(path: str, meta: dict) -> bool:
     """True when `path` already holds a store for these settings; exits when it holds another."""
     try:
-        existing = read_feature_meta(path)
+        existing = store_settings(read_feature_meta(path))
     except ValueError:
         return False
-    differences = [f"{key} {existing.get(key)!r} (now {meta[key]!r})" for key in MATCHING_META_KEYS if existing.get(key) != meta[key]]
+    now = store_settings(meta)
+    differences = [f"{key} {existing.get(key)!r} (now {now[key]!r})" for key in MATCHING_META_KEYS if existing.get(key) != now[key]]
     if differences:
         raise SystemExit(
             f"{path} holds features made with other settings: "
@@ -108,12 +125,12 @@ def check_existing_store(path: str, meta: dict) -> bool:
     return True
 
 
-def bytes_to_allocate(path: str, count: int, latent: int, dtype: str) -> int:
+def bytes_to_allocate(path: str, count: int, latent: int, dtype: str, channels: int = SD_LATENT_CHANNELS, views: int = 2) -> int:
     """Disk space the store at `path` still has to take: all of it for a new store, the blocks
     not yet allocated for an existing one (stores made before preallocation are sparse files)."""
     files = [os.path.join(path, name) for name in FEATURE_FILES]
     if not all(os.path.isfile(file) for file in files):
-        return count * feature_bytes_per_image(latent, dtype)
+        return count * feature_bytes_per_image(latent, dtype, channels, views)
     return sum(max(0, os.stat(file).st_size - 512 * os.stat(file).st_blocks) for file in files)
 
 
@@ -158,12 +175,26 @@ def prepare_store(path: str, meta: dict, exists: bool) -> str | None:
     return preallocate(path)
 
 
+def read_latent_space(args: argparse.Namespace) -> tuple[Autoencoder, int]:
+    """The autoencoder's numbers (from its config, no weights) and the latent side; one sentence
+    for pixel space, a VAE that cannot be found, or an image size it cannot encode."""
+    if args.vae == PIXEL_SPACE and args.vae_path is None:
+        raise SystemExit(
+            f"--vae {PIXEL_SPACE} trains on pixels, which need no features: train from the image folder (train.py --data-path)"
+        )
+    try:
+        autoencoder = read_autoencoder(args.vae, args.vae_path)
+    except AutoencoderError as error:
+        raise SystemExit(vae_error_sentence(error, args.vae_path)) from None
+    try:
+        return autoencoder, autoencoder.latent_size(args.image_size)
+    except AutoencoderError as error:
+        raise SystemExit(f"--image-size {error}") from None
+
+
 def validate_args(args: argparse.Namespace) -> None:
     """Exit with one sentence on settings that cannot work, before any work starts."""
-    try:
-        latent_size(args.image_size)
-    except ValueError as error:
-        raise SystemExit(str(error)) from None
+    read_latent_space(args)
     if args.batch_size < 1:
         raise SystemExit(f"--batch-size must be at least 1, not {args.batch_size}")
     if args.num_workers < 0:
@@ -189,12 +220,15 @@ def extract(args: argparse.Namespace, info) -> None:
         images = ImageDataset(args.data_path, args.image_size)
     except ValueError as error:
         raise SystemExit(str(error)) from None
-    latent = latent_size(args.image_size)
-    check_free_space(args.feature_path, bytes_to_allocate(args.feature_path, len(images), latent, args.dtype))
+    described, latent = read_latent_space(args)
+    views = 1 if args.no_flip else 2
+    needed = bytes_to_allocate(args.feature_path, len(images), latent, args.dtype, described.channels, views)
+    check_free_space(args.feature_path, needed)
     try:
-        vae = load_vae(args.vae, info.device, args.vae_path)
-    except (FileNotFoundError, RuntimeError, ValueError) as error:  # load_vae's one-sentence errors
-        raise SystemExit(str(error)) from None
+        autoencoder = load_autoencoder(args.vae, info.device, args.vae_path)
+    except AutoencoderError as error:
+        raise SystemExit(vae_error_sentence(error, args.vae_path)) from None
+    vae = autoencoder.module
     meta = {
         "format": FEATURE_FORMAT,
         "image_size": args.image_size,
@@ -204,6 +238,8 @@ def extract(args: argparse.Namespace, info) -> None:
         "dtype": args.dtype,
         "vae": args.vae_path or HUB_VAES[args.vae],
         "vae_encoder": vae_encoder_fingerprint(vae),
+        "autoencoder": autoencoder.describe(),
+        "flip": not args.no_flip,
         "data_path": args.data_path,
     }
     exists = check_existing_store(args.feature_path, meta)
@@ -216,7 +252,7 @@ def extract(args: argparse.Namespace, info) -> None:
     todo = int(np.count_nonzero(~np.array(arrays["done"])))
     logger.info(
         f"{len(images)} images in {args.data_path}, {todo} to encode into {args.feature_path} "
-        f"({feature_bytes_per_image(latent, args.dtype) / 1024:.1f} KiB per image)"
+        f"({feature_bytes_per_image(latent, args.dtype, autoencoder.channels, views) / 1024:.1f} KiB per image)"
     )
     if not shard:
         logger.info("nothing left to do: the feature folder is complete")
@@ -230,7 +266,7 @@ def extract(args: argparse.Namespace, info) -> None:
     written: list[np.ndarray] = []
     start = time.time()
     for batch_index, (indices, pixels, labels) in enumerate(loader, start=1):
-        mean, std = encode_posterior(vae, pixels.to(info.device))
+        mean, std = encode_posterior(vae, pixels.to(info.device), flip=not args.no_flip)
         indices, labels = indices.to(info.device), labels.to(info.device)
         indices, labels, mean, std = (gather_from_all(t) for t in (indices, labels, mean, std))
         if info.is_main:

@@ -8,7 +8,16 @@ from PIL import Image
 from torch.utils.data import DistributedSampler
 
 from conftest import make_image_folder
-from util.data import EpochSampler, FeatureDataset, ImageDataset, create_feature_store, feature_bytes_per_image, to_rgb
+from util.data import (
+    EpochSampler,
+    FeatureDataset,
+    ImageDataset,
+    create_feature_store,
+    feature_autoencoder,
+    feature_bytes_per_image,
+    open_feature_arrays,
+    to_rgb,
+)
 from util.images import center_crop_arr
 
 
@@ -82,6 +91,37 @@ def test_incomplete_feature_store_is_refused(tmp_path):
         FeatureDataset(str(tmp_path))
     with pytest.raises(ValueError, match="is not a feature folder"):
         FeatureDataset(str(tmp_path / "nothing"))
+
+
+def complete_store(path, meta: dict) -> None:
+    create_feature_store(str(path), meta)
+    arrays = open_feature_arrays(str(path), writable=True)
+    arrays["mean"][:] = np.arange(arrays["mean"].size).reshape(arrays["mean"].shape)
+    arrays["done"][:] = True
+    for array in arrays.values():
+        array.flush()
+
+
+def test_a_store_without_an_autoencoder_entry_is_an_sd_vae_store(tmp_path):
+    meta = {"count": 3, "latent_size": 2, "dtype": "float32", "vae": "stabilityai/sd-vae-ft-ema"}
+    complete_store(tmp_path, meta)
+    dataset = FeatureDataset(str(tmp_path))
+    assert dataset.autoencoder == {
+        "vae": "stabilityai/sd-vae-ft-ema", "latent_channels": 4, "downsample": 8, "scaling_factor": 0.18215, "shift_factor": 0.0,
+    }
+    assert dataset[(1, 0)][0].shape == (4, 2, 2)
+    assert not torch.equal(dataset[(1, 0)][0], dataset[(1, 1)][0])  # the mirror is another array row
+
+
+def test_a_store_takes_the_channels_of_its_autoencoder_and_may_hold_no_mirrors(tmp_path):
+    autoencoder = {"vae": "folder", "latent_channels": 16, "downsample": 4, "scaling_factor": 0.5, "shift_factor": 0.1}
+    meta = {"count": 3, "latent_size": 2, "dtype": "float16", "autoencoder": autoencoder, "flip": False}
+    complete_store(tmp_path, meta)
+    assert open_feature_arrays(str(tmp_path))["mean"].shape == (3, 1, 16, 2, 2)
+    dataset = FeatureDataset(str(tmp_path))
+    assert dataset.autoencoder == feature_autoencoder(meta) == autoencoder
+    assert torch.equal(dataset[(2, 1)][0], dataset[(2, 0)][0])  # no mirror stored: every flip reads the image
+    assert feature_bytes_per_image(2, "float16", channels=16, views=1) == 2 * 16 * 2 * 2 * 2 + 9
 
 
 def test_documented_bytes_per_image():

@@ -215,12 +215,26 @@ def test_stored_statistics_take_precedence_and_pool_still_gives_precision_recall
     assert scores["inception_score"] == pytest.approx(evaluate.inception_score(sample.softmax))
 
 
-def test_fewer_samples_than_dimensions_is_refused():
+def test_fewer_samples_than_dimensions_give_fid_and_a_warning():
     rng = np.random.default_rng(8)
     ref, sample = acts(rng, 20, diagonal_stats(rng)), acts(rng, 20)
+    scores = evaluate.evaluate(ref, sample, torch.device("cpu"))
+    sigma = np.cov(sample.pool.astype(np.float64), rowvar=False)
+    assert np.linalg.matrix_rank(sigma) < 64  # singular, and the distance still defined
+    expected = evaluate.frechet_distance(sample.pool.astype(np.float64).mean(0), sigma, ref.stats["mu"], ref.stats["sigma"])
+    assert math.isfinite(scores["fid"]) and scores["fid"] == pytest.approx(expected, rel=1e-9)
+    assert math.isfinite(scores["sfid"])
+    assert evaluate.small_set_warning(ref, sample) == (
+        "warning: FID (and sFID) from 20 sample images is biased upward; ADM's numbers use 50,000"
+    )
+    assert evaluate.small_set_warning(ref, acts(rng, 65)) is None  # more images than the 64 dimensions
+
+
+def test_too_few_images_for_precision_and_recall_are_refused():
+    rng = np.random.default_rng(8)
     with pytest.raises(ValueError) as error:
-        evaluate.evaluate(ref, sample, torch.device("cpu"))
-    assert_one_sentence(str(error.value), "20 samples", "64-dimensional")
+        evaluate.evaluate(acts(rng, 20), acts(rng, 3), torch.device("cpu"))
+    assert_one_sentence(str(error.value), "the sample has 3 images; precision and recall need more than 3")
 
 
 def save(path, **arrays) -> str:
@@ -326,6 +340,7 @@ def model(random_weights):
     return evaluate.build_inception(evaluate.resolve_inception_weights(random_weights), torch.device("cpu"))
 
 
+@pytest.mark.slow
 def test_network_outputs_are_adm_layers(model):
     """pool_3, the bias-free 1008-way softmax, and mixed_6/conv = the first channels of Mixed_6d's output."""
     images = torch.from_numpy(np.random.default_rng(10).integers(0, 256, (2, 40, 40, 3), dtype=np.uint8))
@@ -355,6 +370,7 @@ def test_flatten_spatial_is_height_width_channel_order():
         assert flat[n, (h * 17 + w) * 7 + c] == maps[n, c, h, w]
 
 
+@pytest.mark.slow
 def test_image_batch_activations_are_streamed_and_saved(tmp_path, model):
     rng = np.random.default_rng(11)
     images = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
@@ -418,6 +434,7 @@ def test_cli_bad_input_exits_with_one_sentence(tmp_path):
     assert_one_sentence(str(error.value), "evaluate.py: error:", "lacks pool, spatial, softmax")
 
 
+@pytest.mark.slow
 def test_cli_on_image_batches_saves_activations_that_score_the_same(tmp_path, random_weights, monkeypatch):
     for key, dim in (("mu", 64), ("sigma", (64, 64)), ("mu_s", 49), ("sigma_s", (49, 49))):
         monkeypatch.setitem(evaluate.STAT_SHAPES, key, dim if isinstance(dim, tuple) else (dim,))
@@ -432,3 +449,54 @@ def test_cli_on_image_batches_saves_activations_that_score_the_same(tmp_path, ra
     activation_files = [str(tmp_path / "ref_inception.npz"), str(tmp_path / "sample_inception.npz")]
     evaluate.main([*activation_files, "--json", str(tmp_path / "activations.json")])
     assert json.loads((tmp_path / "activations.json").read_text()) == from_images
+
+
+def projection_inception(monkeypatch, dims: dict) -> list[int]:
+    """The Inception pass replaced by a fixed random projection of the pixels to `dims` (the real
+    network on hundreds of images takes minutes on a CPU); returns the list of images it saw."""
+    seen = []
+    weights = {key: torch.randn(12, dim, generator=torch.Generator().manual_seed(len(key))) for key, dim in dims.items()}
+
+    def activations(model, images):
+        seen.append(len(images))
+        colours = images.float().reshape(len(images), 2, 16, 2, 16, 3).mean(dim=(2, 4)).reshape(len(images), 12) / 255
+        out = {key: torch.relu(colours @ weight + torch.rand(len(images), weight.shape[1])) for key, weight in weights.items()}
+        return {**out, "softmax": F.softmax(out["softmax"], dim=1)}
+
+    monkeypatch.setattr(evaluate, "resolve_inception_weights", lambda path: "weights")
+    monkeypatch.setattr(evaluate, "build_inception", lambda path, device: "model")
+    monkeypatch.setattr(evaluate, "inception_activations", activations)
+    return seen
+
+
+@pytest.mark.slow
+def test_cli_on_500_images_gives_every_number_and_one_warning(tmp_path, monkeypatch, capsys):
+    torch.manual_seed(0)
+    projection_inception(monkeypatch, {"pool": 512, "spatial": 507, "softmax": 10})  # 500 images <= 512 dimensions
+    rng = np.random.default_rng(15)
+    ref = save(tmp_path / "ref.npz", arr_0=rng.integers(0, 256, (600, 32, 32, 3), dtype=np.uint8))
+    sample = save(tmp_path / "sample.npz", arr_0=rng.integers(0, 200, (500, 32, 32, 3), dtype=np.uint8))
+    evaluate.main([ref, sample, "--batch-size", "250", "--json", str(tmp_path / "scores.json")])
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    assert all(math.isfinite(value) for value in scores.values()), scores
+    assert scores["fid"] > 0 and scores["inception_score"] >= 1 and 0 <= scores["precision"] <= 1
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if "arning" in line] == [
+        "warning: FID (and sFID) from 500 sample images is biased upward; ADM's numbers use 50,000"
+    ]
+
+
+@pytest.mark.parametrize("ref_kind", ["images", "activations"])
+def test_a_batch_too_small_for_anything_fails_before_the_inception_pass(tmp_path, monkeypatch, ref_kind):
+    seen = projection_inception(monkeypatch, {"pool": 16, "spatial": 16, "softmax": 10})
+    rng = np.random.default_rng(16)
+    if ref_kind == "images":
+        ref = save(tmp_path / "ref.npz", arr_0=rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8))
+    else:
+        a = acts(rng, 40, dims=ADM_DIMS)
+        ref = save(tmp_path / "ref.npz", pool=a.pool, spatial=a.spatial, softmax=a.softmax)
+    sample = save(tmp_path / "sample.npz", arr_0=rng.integers(0, 256, (1, 32, 32, 3), dtype=np.uint8))
+    with pytest.raises(SystemExit) as error:
+        evaluate.main([ref, sample])
+    assert_one_sentence(str(error.value), "evaluate.py: error: the sample", "has 1 image; precision and recall need more than 3")
+    assert seen == []  # not even the reference went through the network

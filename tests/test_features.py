@@ -17,7 +17,8 @@ import train
 from conftest import make_image_folder
 from util.data import FeatureDataset, ImageDataset, feature_bytes_per_image, open_feature_arrays
 from test_train import TINY, read_metrics, run_script
-from util.vae import LATENT_SCALE, load_vae
+from test_vae import make_other_vae
+from util.vae import LATENT_SCALE, Autoencoder, load_vae
 
 
 def extract_args(data: Path, vae: Path, out: Path, *extra: str) -> list[str]:
@@ -56,6 +57,7 @@ def as_pairs(x: torch.Tensor) -> torch.Tensor:
     return torch.stack(x.chunk(2), dim=1)
 
 
+@pytest.mark.slow
 def test_store_layout(store, image_folder):
     meta = json.loads((store / "meta.json").read_text())
     assert (meta["image_size"], meta["latent_size"], meta["count"], meta["dtype"]) == (64, 8, 24, "float16")
@@ -68,6 +70,7 @@ def test_store_layout(store, image_folder):
     assert data_bytes == 24 * feature_bytes_per_image(8, "float16")  # each .npy has a 128-byte header
 
 
+@pytest.mark.slow
 def test_stored_mean_and_std_are_the_vae_posterior_of_image_and_mirror(store, on_the_fly):
     _, _, posterior = on_the_fly
     arrays = open_feature_arrays(str(store))
@@ -75,6 +78,7 @@ def test_stored_mean_and_std_are_the_vae_posterior_of_image_and_mirror(store, on
     assert torch.equal(torch.from_numpy(np.array(arrays["std"])), as_pairs(posterior.std).half())
 
 
+@pytest.mark.slow
 def test_same_eps_gives_the_same_latents_float16(store, on_the_fly):
     _, _, posterior = on_the_fly
     dataset = FeatureDataset(str(store))
@@ -100,6 +104,7 @@ def test_same_eps_gives_the_same_latents_float32(store32, on_the_fly):
     assert torch.equal(ours, train.latents_from_images(vae, pixels))
 
 
+@pytest.mark.slow
 def test_training_from_features_matches_training_from_images(tmp_path, store32, image_folder, tiny_vae_dir):
     common = ["--vae-path", str(tiny_vae_dir), *TINY, "--max-steps", "2", "--log-every", "1"]
     train.main([*common, "--data-path", str(image_folder), "--results-dir", str(tmp_path / "images")])
@@ -110,6 +115,7 @@ def test_training_from_features_matches_training_from_images(tmp_path, store32, 
     assert from_features == pytest.approx(from_images, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_interrupted_extraction_continues_under_torchrun(tmp_path, store, image_folder, tiny_vae_dir):
     partial = tmp_path / "partial"
     shutil.copytree(store, partial)
@@ -129,6 +135,7 @@ def test_interrupted_extraction_continues_under_torchrun(tmp_path, store, image_
         np.testing.assert_allclose(finished[name][lost].astype(np.float32), reference[name][lost].astype(np.float32), rtol=2e-3, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_extraction_into_a_store_of_other_settings_is_refused(store, image_folder, tiny_vae_dir):
     args = extract_args(image_folder, tiny_vae_dir, store)
     args[args.index("--image-size") + 1] = "128"
@@ -136,6 +143,7 @@ def test_extraction_into_a_store_of_other_settings_is_refused(store, image_folde
         extract_features.main(args)
 
 
+@pytest.mark.slow
 def test_training_refuses_features_of_another_image_size_or_vae(tmp_path, store, tiny_vae_dir):
     args = ["--feature-path", str(store), "--vae-path", str(tiny_vae_dir), "--results-dir", str(tmp_path), *TINY]
     wrong_size = [*args[: args.index("--image-size") + 1], "128", *args[args.index("--image-size") + 2 :]]
@@ -161,3 +169,79 @@ def test_unreadable_images_are_marked_and_skipped(tmp_path, tiny_vae_dir):
     mean, std, label, skipped = dataset[(1, 1)]
     assert (label, skipped) == (1, 1)
     assert torch.equal(mean, dataset[(2, 1)][0]) and torch.equal(std, dataset[(2, 1)][1])
+
+
+@pytest.fixture(scope="module")
+def other_vae_store(tmp_path_factory, image_folder) -> tuple[Path, Path]:
+    """The 24 test images at 32 px through an 8-channel, 4x AutoencoderKL with scale 0.5 and shift 0.1."""
+    root = tmp_path_factory.mktemp("other")
+    vae_dir = make_other_vae(root / "vae")
+    args = extract_args(image_folder, vae_dir, root / "features", "--batch-size", "24", "--dtype", "float32")
+    extract_features.main([*args[:args.index("--image-size") + 1], "32", *args[args.index("--image-size") + 2:]])
+    return root / "features", vae_dir
+
+
+def test_a_store_takes_the_autoencoders_channels_and_size(other_vae_store, image_folder):
+    store, vae_dir = other_vae_store
+    meta = json.loads((store / "meta.json").read_text())
+    assert meta["latent_size"] == 8 and meta["flip"] is True
+    assert meta["autoencoder"] == {
+        "vae": str(vae_dir), "latent_channels": 8, "downsample": 4, "scaling_factor": 0.5, "shift_factor": 0.1,
+    }
+    arrays = open_feature_arrays(str(store))
+    assert arrays["mean"].shape == arrays["std"].shape == (24, 2, 8, 8, 8)
+    images = ImageDataset(str(image_folder), 32)
+    pixels = torch.stack([images[(i, flip)][0] for flip in (0, 1) for i in range(24)])
+    module = load_vae("ema", torch.device("cpu"), str(vae_dir))
+    with torch.no_grad():
+        posterior = module.encode(pixels).latent_dist
+    torch.testing.assert_close(torch.from_numpy(np.array(arrays["mean"])), as_pairs(posterior.mean), rtol=1e-5, atol=1e-5)
+
+
+def test_a_stores_moments_become_latents_with_its_scale_and_shift(other_vae_store):
+    store, _ = other_vae_store
+    dataset = FeatureDataset(str(store))
+    assert (dataset.autoencoder["scaling_factor"], dataset.autoencoder["shift_factor"]) == (0.5, 0.1)
+    mean, std, _, _ = dataset[(3, 1)]
+    torch.manual_seed(4)
+    latents = Autoencoder.from_description(dataset.autoencoder).from_moments(mean, std)
+    torch.manual_seed(4)
+    assert torch.equal(latents, (mean + std * torch.randn(8, 8, 8) - 0.1) * 0.5)
+
+
+def test_no_flip_stores_the_images_only(tmp_path, image_folder, tiny_vae_dir, on_the_fly):
+    extract_features.main(extract_args(image_folder, tiny_vae_dir, tmp_path / "plain", "--batch-size", "24", "--no-flip"))
+    meta = json.loads((tmp_path / "plain" / "meta.json").read_text())
+    assert meta["flip"] is False
+    arrays = open_feature_arrays(str(tmp_path / "plain"))
+    assert arrays["mean"].shape == (24, 1, 4, 8, 8)
+    assert os.path.getsize(tmp_path / "plain" / "mean.npy") - 128 == 24 * 4 * 8 * 8 * 2
+    vae, pixels, _ = on_the_fly
+    with torch.no_grad():
+        posterior = vae.encode(pixels[:24]).latent_dist  # the unflipped images, one batch as extracted
+    assert torch.equal(torch.from_numpy(np.array(arrays["mean"][:, 0])), posterior.mean.half())
+    dataset = FeatureDataset(str(tmp_path / "plain"))
+    for flip in (0, 1):  # the sampler's flip finds no mirror to take
+        assert torch.equal(dataset[(5, flip)][0], torch.from_numpy(np.array(arrays["mean"][5, 0])))
+    with pytest.raises(SystemExit, match=r"other settings: flip False \(now True\)"):
+        extract_features.main(extract_args(image_folder, tiny_vae_dir, tmp_path / "plain"))
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--vae", "none"], r"^--vae none trains on pixels, which need no features: train from the image folder \(train\.py --data-path\)$"),
+        (["--image-size", "30"], r"^--image-size 30 is not a positive multiple of 4 \(the VAE downsamples by 4\)$"),
+        (["--vae-path", "MISSING"], r"^--vae-path \S+missing is not a diffusers AutoencoderKL folder \(no config.json in it\)$"),
+    ],
+)
+def test_unusable_autoencoder_settings_are_one_sentence(tmp_path, image_folder, monkeypatch, extra, message):
+    vae_dir = make_other_vae(tmp_path / "vae")
+    args = extract_args(image_folder, vae_dir, tmp_path / "features")
+    if extra[0] == "--vae":
+        args = args[: args.index("--vae-path")] + args[args.index("--vae-path") + 2 :]
+    monkeypatch.setattr(extract_features, "setup_distributed", lambda: pytest.fail("set up before the refusal"))
+    value = str(tmp_path / "missing") if extra[1] == "MISSING" else extra[1]
+    with pytest.raises(SystemExit, match=message):
+        extract_features.main([*args, extra[0], value])
+    assert not (tmp_path / "features").exists()

@@ -30,7 +30,7 @@ def no_vae(*args, **kwargs):
 def test_too_little_free_space_is_one_sentence_before_any_work(tmp_path, monkeypatch, image_folder, tiny_vae_dir):
     free = NEEDED_F16 - 1
     monkeypatch.setattr(extract_features.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - free, free))
-    monkeypatch.setattr(extract_features, "load_vae", no_vae)
+    monkeypatch.setattr(extract_features, "load_autoencoder", no_vae)
     out = tmp_path / "features"
     with pytest.raises(SystemExit, match=rf"^not enough disk space for the features in {out}: they need {NEEDED_F16:,} bytes \(0.00 GiB\) and {free:,} are free; free some space or pass another --feature-path$"):
         extract_features.main(extract_args(image_folder, tiny_vae_dir, out))
@@ -53,7 +53,7 @@ def test_a_failed_reservation_is_one_sentence_and_a_rerun_finishes(tmp_path, mon
 
 def test_a_really_full_disk_fails_before_any_work(tmp_path, image_folder, tiny_vae_dir, monkeypatch):
     with tmpfs(tmp_path / "fs", "64k") as fs:
-        monkeypatch.setattr(extract_features, "load_vae", no_vae)
+        monkeypatch.setattr(extract_features, "load_autoencoder", no_vae)
         with pytest.raises(SystemExit, match=rf"not enough disk space for the features in {fs}/f32: they need {NEEDED_F32:,} bytes"):
             extract_features.main(extract_args(image_folder, tiny_vae_dir, fs / "f32", "--dtype", "float32"))
         assert os.listdir(fs) == []

@@ -1,6 +1,8 @@
 """util/vae.py: the latent space comes from the AutoencoderKL's config; pixel space is the identity."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from diffusers.models import AutoencoderKL
@@ -14,13 +16,13 @@ from util.vae import (
     latent_size,
     load_autoencoder,
     load_vae,
+    read_autoencoder,
 )
 
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module")
-def other_vae_dir(tmp_path_factory) -> str:
+def make_other_vae(folder: Path) -> Path:
     """An AutoencoderKL unlike the SD VAE: 8 latent channels, 3 encoder blocks (4x), scale 0.5, shift 0.1."""
     torch.manual_seed(1)
     vae = AutoencoderKL(
@@ -34,9 +36,13 @@ def other_vae_dir(tmp_path_factory) -> str:
         scaling_factor=0.5,
         shift_factor=0.1,
     )
-    folder = tmp_path_factory.mktemp("other_vae")
     vae.save_pretrained(folder)
-    return str(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def other_vae_dir(tmp_path_factory) -> str:
+    return str(make_other_vae(tmp_path_factory.mktemp("other_vae")))
 
 
 def images(count: int = 2, size: int = 16) -> torch.Tensor:
@@ -52,6 +58,14 @@ def test_numbers_come_from_the_config(other_vae_dir):
     assert autoencoder.describe() == {
         "vae": other_vae_dir, "latent_channels": 8, "downsample": 4, "scaling_factor": 0.5, "shift_factor": 0.1,
     }
+
+
+def test_the_config_alone_gives_the_same_numbers(other_vae_dir, tiny_vae_dir):
+    for folder in (other_vae_dir, str(tiny_vae_dir)):
+        described = read_autoencoder("ema", folder)
+        assert described.module is None
+        assert described.describe() == load_autoencoder("ema", CPU, folder).describe()
+    assert read_autoencoder(PIXEL_SPACE).describe() == load_autoencoder(PIXEL_SPACE, CPU).describe()
 
 
 def test_encode_and_decode_apply_shift_and_scale(other_vae_dir):

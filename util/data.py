@@ -1,5 +1,5 @@
 """Training inputs: a resumable sampler with deterministic flips, an image folder that skips
-unreadable files, and the memory-mapped store of pre-extracted VAE posteriors.
+unreadable files, and the memory-mapped store of pre-extracted autoencoder posteriors.
 
 Every random choice about the data (order and horizontal flips) is a function of
 (seed, epoch, index) made by `EpochSampler`, so neither data-loader workers nor a restart
@@ -22,6 +22,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from util.images import center_crop_arr
+from util.vae import SD_LATENT_CHANNELS, SD_VAE_DESCRIPTION
 
 logger = logging.getLogger("dit")
 
@@ -31,7 +32,6 @@ UNREADABLE_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.Decompression
 MAX_UNREADABLE_IN_A_ROW = 100
 
 FEATURE_FORMAT = 1
-LATENT_CHANNELS = 4
 FEATURE_DTYPES = ("float16", "float32")
 
 
@@ -169,15 +169,26 @@ def vae_encoder_fingerprint(vae: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def feature_array_shape(count: int, latent_size: int) -> tuple[int, ...]:
-    """(images, [image, mirrored image], channels, latent, latent)."""
-    return (count, 2, LATENT_CHANNELS, latent_size, latent_size)
+def feature_array_shape(count: int, latent_size: int, channels: int, views: int) -> tuple[int, ...]:
+    """(images, views, channels, latent, latent): views are [image, mirrored image], or [image]."""
+    return (count, views, channels, latent_size, latent_size)
 
 
-def feature_bytes_per_image(latent_size: int, dtype: str) -> int:
-    """Disk use per image: mean and std for the image and its mirror, plus an int64 label and a done flag."""
-    values = 2 * int(np.prod(feature_array_shape(1, latent_size)))
+def feature_bytes_per_image(latent_size: int, dtype: str, channels: int = SD_LATENT_CHANNELS, views: int = 2) -> int:
+    """Disk use per image: mean and std of each view, plus an int64 label and a done flag
+    (by default the SD VAE's 4 channels, for the image and its mirror)."""
+    values = 2 * int(np.prod(feature_array_shape(1, latent_size, channels, views)))
     return values * np.dtype(dtype).itemsize + 8 + 1
+
+
+def feature_autoencoder(meta: dict) -> dict:
+    """The store's Autoencoder.describe(); a store without one was made with an SD VAE."""
+    return meta.get("autoencoder", {**SD_VAE_DESCRIPTION, "vae": meta.get("vae", SD_VAE_DESCRIPTION["vae"])})
+
+
+def feature_views(meta: dict) -> int:
+    """2 for a store of each image and its mirror (the default), 1 for unflipped images only."""
+    return 2 if meta.get("flip", True) else 1
 
 
 def read_feature_meta(path: str) -> dict:
@@ -191,7 +202,8 @@ def read_feature_meta(path: str) -> dict:
 def create_feature_store(path: str, meta: dict) -> None:
     """Allocate the arrays (zeros, nothing done), then write meta.json last to mark them complete."""
     os.makedirs(path, exist_ok=True)
-    shape = feature_array_shape(meta["count"], meta["latent_size"])
+    channels = feature_autoencoder(meta)["latent_channels"]
+    shape = feature_array_shape(meta["count"], meta["latent_size"], channels, feature_views(meta))
     for name in ("mean", "std"):
         np.lib.format.open_memmap(os.path.join(path, f"{name}.npy"), mode="w+", dtype=meta["dtype"], shape=shape).flush()
     np.lib.format.open_memmap(os.path.join(path, "labels.npy"), mode="w+", dtype=np.int64, shape=(meta["count"],)).flush()
@@ -209,15 +221,19 @@ def open_feature_arrays(path: str, writable: bool = False) -> dict[str, np.ndarr
 
 
 class FeatureDataset(Dataset):
-    """Pre-extracted VAE posteriors addressed by (index, flip), like ImageDataset.
+    """Pre-extracted autoencoder posteriors addressed by (index, flip), like ImageDataset.
 
-    Items are (mean, std, label, skipped) with mean and std of shape (4, L, L) in the stored
+    Items are (mean, std, label, skipped) with mean and std of shape (C, L, L) in the stored
     dtype; images that were unreadable at extraction (label -1) are replaced by the next good one.
+    A store without mirrored copies serves the unflipped image whatever the flip. `autoencoder`
+    is the store's Autoencoder.describe(), whose scale and shift turn the moments into latents.
     """
 
     def __init__(self, path: str):
         self.path = path
         self.meta = read_feature_meta(path)
+        self.autoencoder = feature_autoencoder(self.meta)
+        self.views = feature_views(self.meta)
         arrays = open_feature_arrays(path)
         done = int(np.count_nonzero(arrays["done"]))
         if done < self.meta["count"]:
@@ -241,10 +257,11 @@ class FeatureDataset(Dataset):
         if self.arrays is None:
             self.arrays = open_feature_arrays(self.path)
         index, flip = item
+        view = flip if self.views == 2 else 0
         skipped = 0
         while self.labels[index] < 0:
             index = (index + 1) % len(self)
             skipped += 1
-        mean = torch.from_numpy(np.array(self.arrays["mean"][index, flip]))
-        std = torch.from_numpy(np.array(self.arrays["std"][index, flip]))
+        mean = torch.from_numpy(np.array(self.arrays["mean"][index, view]))
+        std = torch.from_numpy(np.array(self.arrays["std"][index, view]))
         return mean, std, int(self.labels[index]), skipped

@@ -8,8 +8,10 @@ down-sampling (one factor of 2 per encoder block after the first), and the affin
 """
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import torch
 from diffusers.models import AutoencoderKL
@@ -20,6 +22,11 @@ HUB_VAES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-ms
 LATENT_SCALE = 0.18215
 SD_LATENT_CHANNELS = 4
 SD_DOWNSAMPLE = 8
+CONFIG_DEFAULTS = {
+    name: parameter.default
+    for name, parameter in inspect.signature(AutoencoderKL.__init__).parameters.items()
+    if parameter.default is not inspect.Parameter.empty
+}
 
 
 class AutoencoderError(ValueError):
@@ -38,17 +45,22 @@ class Autoencoder:
     module: AutoencoderKL | None = None  # None in pixel space, or when only described
 
     @classmethod
-    def from_module(cls, name: str, module: AutoencoderKL) -> Autoencoder:
-        """Channels, down-sampling, scale and shift read from the module's config."""
-        config = module.config
+    def from_config(cls, name: str, config: dict, module: AutoencoderKL | None = None) -> Autoencoder:
+        """Channels, down-sampling, scale and shift from an AutoencoderKL config (its defaults
+        where the config leaves a setting out, as AutoencoderKL itself reads it)."""
+        config = {**CONFIG_DEFAULTS, **config}
         return cls(
             name=name,
-            channels=int(config.latent_channels),
-            downsample=2 ** (len(config.block_out_channels) - 1),
-            scale=float(config.scaling_factor),
-            shift=float(config.shift_factor or 0.0),
+            channels=int(config["latent_channels"]),
+            downsample=2 ** (len(config["block_out_channels"]) - 1),
+            scale=float(config["scaling_factor"]),
+            shift=float(config["shift_factor"] or 0.0),
             module=module,
         )
+
+    @classmethod
+    def from_module(cls, name: str, module: AutoencoderKL) -> Autoencoder:
+        return cls.from_config(name, dict(module.config), module)
 
     @classmethod
     def pixels(cls) -> Autoencoder:
@@ -68,7 +80,7 @@ class Autoencoder:
 
     @property
     def is_pixels(self) -> bool:
-        return self.name == PIXEL_SPACE
+        return self.name == PIXEL_SPACE and self.module is None
 
     def latent_size(self, image_size: int) -> int:
         """Side of the latent of a square image of side image_size.
@@ -134,13 +146,17 @@ SD_VAE_DESCRIPTION = Autoencoder(
 ).describe()
 
 
-def load_module(vae: str, device: torch.device, vae_path: str | None = None) -> AutoencoderKL:
-    """The `ema` or `mse` SD VAE from the Hugging Face hub, or any local AutoencoderKL folder `vae_path`."""
+Loaded = TypeVar("Loaded")
+
+
+def from_source(read: Callable[[str], Loaded], vae: str, vae_path: str | None) -> Loaded:
+    """read(folder or hub repo) for the `ema` or `mse` SD VAE from the Hugging Face hub, or for
+    any local AutoencoderKL folder `vae_path`, with its failures as one AutoencoderError sentence."""
     if vae_path is not None:
         if not os.path.isfile(os.path.join(vae_path, "config.json")):
             raise AutoencoderError(f"{vae_path} is not a diffusers AutoencoderKL folder (no config.json in it)")
         try:
-            return AutoencoderKL.from_pretrained(vae_path).to(device).eval()
+            return read(vae_path)
         except (OSError, ValueError, TypeError) as error:
             raise AutoencoderError(
                 f"{vae_path} could not be loaded as a diffusers AutoencoderKL folder ({type(error).__name__}: {error})"
@@ -149,7 +165,7 @@ def load_module(vae: str, device: torch.device, vae_path: str | None = None) -> 
         raise AutoencoderError(f"unknown VAE {vae!r}; choose one of {', '.join(HUB_VAES)} or a local AutoencoderKL folder")
     repo = HUB_VAES[vae]
     try:
-        return AutoencoderKL.from_pretrained(repo).to(device).eval()
+        return read(repo)
     except OSError as error:
         raise AutoencoderError(
             f"could not load the VAE {repo} from the Hugging Face hub or its cache ({type(error).__name__}); "
@@ -158,13 +174,24 @@ def load_module(vae: str, device: torch.device, vae_path: str | None = None) -> 
         ) from error
 
 
+def load_module(vae: str, device: torch.device, vae_path: str | None = None) -> AutoencoderKL:
+    """The AutoencoderKL module from `vae_path`, or the hub's `ema` or `mse` SD VAE."""
+    return from_source(AutoencoderKL.from_pretrained, vae, vae_path).to(device).eval()
+
+
 def load_autoencoder(vae: str, device: torch.device, vae_path: str | None = None) -> Autoencoder:
     """Pixel space for vae == PIXEL_SPACE (and no folder), else the AutoencoderKL from `vae_path`
     (which wins) or the hub, with its config's channels, down-sampling, scale and shift."""
     if vae == PIXEL_SPACE and vae_path is None:
         return Autoencoder.pixels()
-    module = load_module(vae, device, vae_path)
-    return Autoencoder.from_module(vae_path or vae, module)
+    return Autoencoder.from_module(vae_path or vae, load_module(vae, device, vae_path))
+
+
+def read_autoencoder(vae: str, vae_path: str | None = None) -> Autoencoder:
+    """What load_autoencoder would give, from the config alone (no weights read, module None)."""
+    if vae == PIXEL_SPACE and vae_path is None:
+        return Autoencoder.pixels()
+    return Autoencoder.from_config(vae_path or vae, from_source(AutoencoderKL.load_config, vae, vae_path))
 
 
 # The SD-VAE functions of the scripts that address the VAE module directly. Their messages
