@@ -17,6 +17,8 @@ import torch
 from PIL import Image
 
 import train
+from util.sample_grids import SAMPLE_COUNT, sample_images
+from util.training import build_optimizer, training_step, update_ema
 from conftest import REPO, make_image_folder
 from diffusion import create_diffusion
 from models import DiT_models
@@ -135,11 +137,11 @@ def first_losses(precision: str = "fp32", grad_checkpointing: bool = False, step
     torch.manual_seed(0)
     model = DiT_models["DiT-S/8"](input_size=8, num_classes=3)
     model.set_grad_checkpointing(grad_checkpointing)
-    optimizer = train.build_optimizer(model, 1e-4)
+    optimizer = build_optimizer(model, 1e-4)
     diffusion = create_diffusion("")
     losses = []
     for _ in range(steps):
-        loss, norm, _ = train.training_step(model, diffusion, optimizer, torch.randn(8, 4, 8, 8), torch.arange(8) % 3, precision, True)
+        loss, norm, _ = training_step(model, diffusion, optimizer, torch.randn(8, 4, 8, 8), torch.arange(8) % 3, precision, True)
         assert loss.dtype == torch.float32 and torch.isfinite(loss) and torch.isfinite(norm)
         losses.append(loss.item())
     return losses
@@ -158,9 +160,9 @@ def test_update_ema_is_the_reference_formula():
     for p in model.parameters():
         p.data.add_(torch.randn_like(p))
     expected = {name: p.clone().mul_(0.99).add_(model.state_dict()[name], alpha=0.01) for name, p in ema.named_parameters()}
-    train.update_ema(ema, model, 0.99)
+    update_ema(ema, model, 0.99)
     assert_state_dicts_equal(dict(ema.named_parameters()), expected)
-    train.update_ema(ema, model, 0.0)
+    update_ema(ema, model, 0.0)
     assert_state_dicts_equal(ema.state_dict(), model.state_dict())
 
 
@@ -173,11 +175,11 @@ def test_sample_grids_use_fixed_noise_and_leave_the_training_rng_alone(tiny_vae_
         p.data.add_(0.01 * torch.randn_like(p))  # make the output depend on the weights
     vae = load_vae("ema", torch.device("cpu"), str(tiny_vae_dir))
     state = torch.get_rng_state()
-    first = train.sample_images(ema, vae, 3, num_classes=3, seed=0)
+    first = sample_images(ema, vae, 3, num_classes=3, seed=0)
     assert torch.equal(torch.get_rng_state(), state)
-    assert first.shape == (train.SAMPLE_COUNT, 3, 64, 64) and torch.isfinite(first).all()
-    assert torch.equal(train.sample_images(ema, vae, 3, num_classes=3, seed=0), first)
-    assert not torch.equal(train.sample_images(ema, vae, 3, num_classes=3, seed=1), first)
+    assert first.shape == (SAMPLE_COUNT, 3, 64, 64) and torch.isfinite(first).all()
+    assert torch.equal(sample_images(ema, vae, 3, num_classes=3, seed=0), first)
+    assert not torch.equal(sample_images(ema, vae, 3, num_classes=3, seed=1), first)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, image_folder, tiny_vae_dir):
