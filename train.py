@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import signal
+from dataclasses import replace
 
 import torch
 from torch.utils.data import Dataset
@@ -28,8 +29,10 @@ from util.batches import make_loader, next_micro_batches
 from util.data import FeatureDataset, ImageDataset, vae_encoder_fingerprint
 from util.distributed import DistInfo, cleanup_distributed, create_logger, max_over_ranks, setup_distributed
 from util.files import WriteError, create_run_dir, output_folder_problem
-from util.finetune import fit_weights, initial_weights
-from util.flags import add_compile_flag, add_data_flags, add_model_flags, add_precision_flag, add_vae_flags, make_parser
+from util.finetune import describe_weights, fit_weights, initial_weights
+from util.flags import (
+    add_compile_flag, add_data_flags, add_model_flags, add_precision_flag, add_vae_flags, make_parser, vae_error_sentence,
+)
 from util.precision import setup_precision
 from util.pretrained import PRETRAINED_MODELS
 from util.resume import experiment_name, open_resume_checkpoint, restore_rng_state, restore_run, tidy_resumed_folder
@@ -37,8 +40,8 @@ from util.run_outputs import log_metrics, save_training_checkpoint
 from util.run_state import Run, TrainState, build_run, micro_batch_size
 from util.sample_grids import save_samples
 from util.stop_signals import StopRequest, exit_code
-from util.training import RunningStats, accumulated_step, update_ema, wrap_for_training
-from util.vae import HUB_VAES, latent_size, load_vae
+from util.training import RunningStats, accumulated_step, ema_decay_at, ema_initial_share, update_ema, wrap_for_training
+from util.vae import HUB_VAES, SD_VAE_DESCRIPTION, Autoencoder, AutoencoderError, load_autoencoder
 
 logger = logging.getLogger("dit")
 
@@ -75,6 +78,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate, constant, no weight decay (paper Section 4)")
     parser.add_argument("--ema-decay", type=float, default=0.9999, help="decay of the EMA weights that sampling uses")
+    parser.add_argument(
+        "--ema-warmup", action="store_true",
+        help="EMA decay min(--ema-decay, (1 + t) / (10 + t)) at update t, so that short runs get a useful EMA "
+        "(off: the paper's constant decay)",
+    )
+    parser.add_argument("--no-flip", action="store_true", help="no random horizontal flips of the training images (paper: flips)")
     add_precision_flag(parser, default="tf32")
     parser.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to save memory")
     add_compile_flag(parser)
@@ -119,7 +128,6 @@ def validate_values(args: argparse.Namespace) -> None:
 def validate_args(args: argparse.Namespace, world_size: int) -> None:
     """Exit with one sentence on settings that cannot work, before any work starts."""
     validate_values(args)
-    patch_size = int(args.model.split("/")[-1])
     if args.data_path is None and args.feature_path is None:
         raise SystemExit("pass --data-path (an image folder) or --feature-path (the output of extract_features.py)")
     if args.tensorboard and importlib.util.find_spec("tensorboard") is None:
@@ -131,15 +139,8 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
             f"--global-batch-size {args.global_batch_size} is not divisible by the world size {world_size}"
             + (f" times --grad-accum-steps {args.grad_accum_steps}" if args.grad_accum_steps > 1 else "")
         )
-    try:
-        latent = latent_size(args.image_size)
-    except ValueError as error:
-        raise SystemExit(str(error)) from None
-    if latent % patch_size:
-        raise SystemExit(
-            f"--image-size {args.image_size} gives {latent}x{latent} latents, which "
-            f"{args.model} cannot cut into {patch_size}x{patch_size} patches; use a multiple of {8 * patch_size}"
-        )
+    if args.no_flip and args.feature_path is not None:
+        raise SystemExit("--no-flip applies to --data-path images; a --feature-path store serves each image and its mirror image")
     if args.resume not in (None, "auto") and not os.path.isfile(args.resume):
         raise SystemExit(f"--resume {args.resume} does not exist")
     if args.init_from is not None and args.init_from not in PRETRAINED_MODELS and not os.path.isfile(args.init_from):
@@ -154,7 +155,10 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
 def open_dataset(args: argparse.Namespace) -> FeatureDataset | ImageDataset:
     """The training set (features when --feature-path is given), checked against the settings."""
     try:
-        dataset = FeatureDataset(args.feature_path) if args.feature_path else ImageDataset(args.data_path, args.image_size)
+        if args.feature_path:
+            dataset = FeatureDataset(args.feature_path)
+        else:
+            dataset = ImageDataset(args.data_path, args.image_size, flip=not args.no_flip)
     except ValueError as error:
         raise SystemExit(str(error)) from None
     if args.feature_path and dataset.meta["image_size"] != args.image_size:
@@ -169,34 +173,57 @@ def open_dataset(args: argparse.Namespace) -> FeatureDataset | ImageDataset:
     return dataset
 
 
-def check_feature_vae(args: argparse.Namespace, dataset: FeatureDataset, vae: torch.nn.Module) -> None:
-    if vae_encoder_fingerprint(vae) != dataset.meta["vae_encoder"]:
-        used = args.vae_path or HUB_VAES[args.vae]
+def check_feature_vae(args: argparse.Namespace, dataset: FeatureDataset, autoencoder: Autoencoder) -> None:
+    if autoencoder.module is None or vae_encoder_fingerprint(autoencoder.module) != dataset.meta["vae_encoder"]:
+        used = args.vae_path or HUB_VAES.get(args.vae, args.vae)
         raise SystemExit(
             f"the features in {args.feature_path} were extracted with another VAE ({dataset.meta['vae']}) than {used}"
         )
 
 
-def open_vae(
+def open_autoencoder(
     args: argparse.Namespace, dataset: FeatureDataset | ImageDataset, device: torch.device, notes: list[str]
-) -> torch.nn.Module | None:
-    """The VAE, where training needs it: to encode images, or to decode sample grids.
+) -> Autoencoder:
+    """The space the DiT is trained in: pixels (--vae none) or an autoencoder's latents.
 
-    Training from features without sample grids loads none, unless --vae-path names a local VAE
-    other than the features' own: then it is loaded (no network) to check that it matches.
+    Images are encoded by the loaded autoencoder. Features become latents with the scale and
+    shift in the store's meta.json; their autoencoder's weights are loaded only to decode sample
+    grids, or when --vae-path names a local VAE other than the features' own (no network), to
+    check that it matches.
     """
-    using_features = args.feature_path is not None
-    needs_vae = not using_features or args.sample_every > 0
-    if not needs_vae and args.vae_path in (None, dataset.meta["vae"]):
+    if args.feature_path is None:
+        return load_checked_autoencoder(args, device)
+    store = Autoencoder.from_description(dataset.meta.get("autoencoder", SD_VAE_DESCRIPTION))
+    if args.sample_every == 0 and args.vae_path in (None, dataset.meta["vae"]):
         notes.append(f"no VAE loaded: training from features made with {dataset.meta['vae']}, and no sample grids asked")
-        return None
+        return store
+    loaded = load_checked_autoencoder(args, device if args.sample_every > 0 else torch.device("cpu"))
+    check_feature_vae(args, dataset, loaded)
+    return replace(store, module=loaded.module if args.sample_every > 0 else None)
+
+
+def load_checked_autoencoder(args: argparse.Namespace, device: torch.device) -> Autoencoder:
+    """load_autoencoder, exiting with its sentence with the flag that fixes it."""
     try:
-        vae = load_vae(args.vae, device if needs_vae else torch.device("cpu"), args.vae_path)
-    except (FileNotFoundError, RuntimeError, ValueError) as error:  # load_vae's one-sentence errors
-        raise SystemExit(str(error)) from None
-    if using_features:
-        check_feature_vae(args, dataset, vae)
-    return vae if needs_vae else None
+        return load_autoencoder(args.vae, device, args.vae_path)
+    except AutoencoderError as error:
+        raise SystemExit(vae_error_sentence(error, args.vae_path)) from None
+
+
+def check_patch_grid(args: argparse.Namespace, autoencoder: Autoencoder) -> int:
+    """The latent side for --image-size, exiting unless the model's patches tile it."""
+    try:
+        latent = autoencoder.latent_size(args.image_size)
+    except AutoencoderError as error:
+        raise SystemExit(f"--image-size {error}") from None
+    patch_size = int(args.model.split("/")[-1])
+    if latent % patch_size:
+        grid = "pixels" if autoencoder.is_pixels else "latents"
+        raise SystemExit(
+            f"--image-size {args.image_size} gives {latent}x{latent} {grid}, which {args.model} cannot cut into "
+            f"{patch_size}x{patch_size} patches; use a multiple of {autoencoder.downsample * patch_size}"
+        )
+    return latent
 
 
 def experiment_folder(args: argparse.Namespace, resume_path: str | None, is_main: bool) -> str | None:
@@ -211,33 +238,40 @@ def experiment_folder(args: argparse.Namespace, resume_path: str | None, is_main
         raise SystemExit(str(error)) from None
 
 
-def fitted_initial_weights(run: Run, source: str) -> tuple[dict, dict, str | None]:
-    """The model and EMA weights of --init-from checked against the model (exits on a mismatch),
-    and a note when the label table keeps its fresh initialisation (another number of classes)."""
+def fitted_initial_weights(run: Run, source: str, autoencoder: Autoencoder) -> tuple[dict, dict, list[str]]:
+    """The model and EMA weights of --init-from fitted to the model (exits on a mismatch, naming
+    what they were made for), and a note for each part that keeps the model's fresh values."""
     try:
-        model_state, ema_state = initial_weights(source)
+        model_state, ema_state, settings = initial_weights(source)
     except (FileNotFoundError, RuntimeError, ValueError) as error:  # one-sentence errors
         raise SystemExit(str(error).replace("--ckpt PATH", "--init-from PATH")) from None
     try:
-        model_state, ema_state, old_rows = fit_weights(run.model, run.ema, model_state, ema_state, f"--init-from {source}")
+        model_state, ema_state, old_rows, old_grid = fit_weights(run.model, run.ema, model_state, ema_state, f"--init-from {source}")
     except ValueError as error:
-        raise SystemExit(str(error)) from None
-    note = None
+        raise SystemExit(f"{error} (the weights are those of {describe_weights(model_state, settings)})") from None
+    notes = []
     if old_rows is not None:
         null = " + the null label" if run.model.y_embedder.dropout_prob > 0 else ""
-        note = (
+        notes.append(
             f"the label table of {source} has {old_rows} rows, this run needs {run.model.y_embedder.embedding_table.num_embeddings} "
             f"(--num-classes {run.args.num_classes}{null}): it starts from a new random initialisation"
         )
-    return model_state, ema_state, note
+    if old_grid is not None:
+        old_latent, latent = old_grid * run.model.patch_size, run.model.input_size
+        pixels = settings.get("image_size") or old_latent * autoencoder.downsample
+        notes.append(
+            f"--init-from {source} was trained at {pixels} px ({old_latent}x{old_latent} latents): "
+            f"pos_embed recomputed for {latent}x{latent} latents"
+        )
+    return model_state, ema_state, notes
 
 
-def init_from(run: Run, source: str, model_state: dict, ema_state: dict, note: str | None) -> None:
+def init_from(run: Run, source: str, model_state: dict, ema_state: dict, notes: list[str]) -> None:
     """Start from the weights to fine-tune (a new optimizer, at step 0)."""
     run.model.load_state_dict(model_state, strict=True)
     run.ema.load_state_dict(ema_state, strict=True)
     logger.info(f"initialised the model and EMA weights from {source} (new optimizer, step 0)")
-    if note:
+    for note in notes:
         logger.info(note)
 
 
@@ -253,26 +287,29 @@ def log_set_up(args: argparse.Namespace, run: Run, notes: list[str], resume_path
         logger.info(f"resuming: --init-from {args.init_from} is not used")
 
 
-def set_up(args: argparse.Namespace, info: DistInfo) -> tuple[Run, TrainState, Dataset, torch.nn.Module | None]:
-    """Check the settings, open the data (and the checkpoint to resume or the weights to fine-tune),
-    build what is trained, make the experiment folder and the logger, then load the weights."""
+def set_up(args: argparse.Namespace, info: DistInfo) -> tuple[Run, TrainState, Dataset, Autoencoder]:
+    """Check the settings, open the data, the autoencoder and the checkpoint to resume or the
+    weights to fine-tune, build what is trained, make the experiment folder and the logger, then
+    load the weights."""
     validate_args(args, info.world_size)
     args.precision, precision_note = setup_precision(args.precision, info.device)  # `auto` -> what it chose
     torch.manual_seed(args.global_seed * info.world_size + info.rank)
     dataset = open_dataset(args)
-    notes: list[str] = [precision_note] if precision_note else []  # said once the logger exists
+    vae_notes: list[str] = []  # said once the logger exists
+    autoencoder = open_autoencoder(args, dataset, info.device, vae_notes)
+    latent = check_patch_grid(args, autoencoder)
+    notes = [precision_note] if precision_note else []
     try:
         checkpoint, resume_path = open_resume_checkpoint(args, len(dataset), notes)
     except ValueError as error:
         raise SystemExit(str(error)) from None
-    vae = open_vae(args, dataset, info.device, notes)
 
-    run = build_run(args, info, len(dataset))
+    run = build_run(args, info, len(dataset), autoencoder.channels, latent)
     fine_tune = args.init_from is not None and checkpoint is None
-    initial = fitted_initial_weights(run, args.init_from) if fine_tune else None
+    initial = fitted_initial_weights(run, args.init_from, autoencoder) if fine_tune else None
     run.experiment_dir = experiment_folder(args, resume_path, info.is_main)
     create_logger(run.experiment_dir, info.rank)
-    log_set_up(args, run, notes, resume_path, fine_tune)
+    log_set_up(args, run, notes + vae_notes, resume_path, fine_tune)
     if args.tensorboard and info.is_main:
         from torch.utils.tensorboard import SummaryWriter  # an optional dependency
 
@@ -286,10 +323,22 @@ def set_up(args: argparse.Namespace, info: DistInfo) -> tuple[Run, TrainState, D
         if info.is_main:
             tidy_resumed_folder(run.experiment_dir, state.step)
         restore_rng_state(checkpoint, state.step, info, args.global_seed)  # after everything that draws numbers
-    return run, state, dataset, vae
+    return run, state, dataset, autoencoder
 
 
 # ---------------------------------------------------------------------------------------- the loop
+
+
+def say_if_the_ema_is_young(args: argparse.Namespace, step: int) -> None:
+    """One line when the EMA weights are still mostly the initial ones (short runs at decay 0.9999)."""
+    share = ema_initial_share(args.ema_decay, step, args.ema_warmup)
+    if share > 0.5:
+        decay = f"--ema-decay {args.ema_decay}" + (" with --ema-warmup" if args.ema_warmup else "")
+        remedy = "a lower --ema-decay" if args.ema_warmup else "--ema-warmup or a lower --ema-decay"
+        logger.info(
+            f"the EMA weights still hold {share:.0%} of the initial weights after {step} steps ({decay}); "
+            f"sample with --weights raw, or train with {remedy}"
+        )
 
 
 def stop_on_signal(run: Run, state: TrainState, stats: RunningStats, signal_number: int) -> None:
@@ -301,11 +350,12 @@ def stop_on_signal(run: Run, state: TrainState, stats: RunningStats, signal_numb
         f"stopped by {signal.Signals(signal_number).name} after step {state.step}: "
         f"saved checkpoint {state.last_checkpoint}; continue with --resume auto"
     )
+    say_if_the_ema_is_young(run.args, state.step)
     raise SystemExit(exit_code(signal_number))
 
 
 def train(args: argparse.Namespace, info: DistInfo, stop: StopRequest) -> None:
-    run, state, dataset, vae = set_up(args, info)
+    run, state, dataset, autoencoder = set_up(args, info)
     ema, device = run.ema.eval(), info.device
     train_model = wrap_for_training(run.model, args, device)
     diffusion = create_diffusion(timestep_respacing="")
@@ -330,13 +380,13 @@ def train(args: argparse.Namespace, info: DistInfo, stop: StopRequest) -> None:
         batches = iter(loader)
         for _ in range(steps_per_epoch - state.epoch_step):
             # One optimizer step on the global batch; then EMA, logs and checkpoints.
-            micro_batches = next_micro_batches(batches, args.grad_accum_steps, vae, using_features, device, stats)
+            micro_batches = next_micro_batches(batches, args.grad_accum_steps, autoencoder, using_features, device, stats)
             with_grad_norm = (state.step + 1) % args.log_every == 0
             loss, grad_norm, skipped_step = accumulated_step(
                 train_model, diffusion, run.optimizer, micro_batches, args.grad_accum_steps,
                 args.precision, with_grad_norm, run.scaler,
             )
-            update_ema(ema, run.model, args.ema_decay)
+            update_ema(ema, run.model, ema_decay_at(args.ema_decay, state.step, args.ema_warmup))
             stats.add(loss, skipped_step, grad_norm)
             state.advance(steps_per_epoch)
 
@@ -347,7 +397,7 @@ def train(args: argparse.Namespace, info: DistInfo, stop: StopRequest) -> None:
             if signal_number := max_over_ranks(stop.signal_number):  # SIGTERM or SIGUSR1 on any rank
                 stop_on_signal(run, state, stats, signal_number)
             if args.sample_every and state.step % args.sample_every == 0:
-                save_samples(run, vae, state.step)
+                save_samples(run, autoencoder, state.step)
             if state.step >= max_steps:
                 break
 
@@ -356,6 +406,7 @@ def train(args: argparse.Namespace, info: DistInfo, stop: StopRequest) -> None:
         save_training_checkpoint(run, state, stats)
     if run.tensorboard is not None:
         run.tensorboard.close()
+    say_if_the_ema_is_young(args, state.step)
     logger.info(f"done after {state.step} steps")
 
 

@@ -12,6 +12,7 @@ from util.distributed import DistInfo
 from util.run_state import micro_batch_size
 from util.stop_signals import ignore_stop_signals
 from util.training import RunningStats, latents_from_features, latents_from_images
+from util.vae import Autoencoder
 
 
 def make_loader(dataset: Dataset, args: argparse.Namespace, info: DistInfo) -> tuple[EpochSampler, DataLoader]:
@@ -32,23 +33,23 @@ def make_loader(dataset: Dataset, args: argparse.Namespace, info: DistInfo) -> t
     return sampler, loader
 
 
-def batch_to_device(batch: list, vae: torch.nn.Module | None, using_features: bool, device: torch.device):
+def batch_to_device(batch: list, autoencoder: Autoencoder | None, using_features: bool, device: torch.device):
     """A loader batch -> (latents, labels, number of unreadable images replaced)."""
     if using_features:
         mean, std, labels, skipped = batch
-        latents = latents_from_features(mean.to(device, non_blocking=True), std.to(device, non_blocking=True))
+        latents = latents_from_features(mean.to(device, non_blocking=True), std.to(device, non_blocking=True), autoencoder)
     else:
         images, labels, skipped = batch
-        latents = latents_from_images(vae, images.to(device, non_blocking=True))
+        latents = latents_from_images(autoencoder, images.to(device, non_blocking=True))
     return latents, labels.to(device, non_blocking=True), skipped
 
 
 def next_micro_batches(
-    batches: Iterator, count: int, vae: torch.nn.Module | None, using_features: bool, device: torch.device, stats: RunningStats
+    batches: Iterator, count: int, autoencoder: Autoencoder, using_features: bool, device: torch.device, stats: RunningStats
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The next `count` loader batches as (latents, labels) on the device, made one at a time when
     asked for (so one micro-batch's images are in memory at once); counts the unreadable images."""
     for _ in range(count):
-        latents, labels, skipped = batch_to_device(next(batches), vae, using_features, device)
+        latents, labels, skipped = batch_to_device(next(batches), autoencoder, using_features, device)
         stats.add_skipped(skipped)
         yield latents, labels

@@ -19,7 +19,11 @@ from util.run_state import Run, TrainState, micro_batch_size
 # Checkpoint entries a resumable checkpoint must hold (the reference's four come first).
 RESUME_KEYS = ("model", "ema", "opt", "args", "step", "epoch", "epoch_step", "world_size", "dataset_size", "rng")
 # Settings a resumed run must share with its checkpoint.
-RESUME_MATCHING_ARGS = ("model", "image_size", "num_classes", "global_batch_size", "global_seed", "ema_decay")
+RESUME_MATCHING_ARGS = (
+    "model", "image_size", "num_classes", "global_batch_size", "global_seed", "ema_decay", "ema_warmup", "no_flip",
+)
+# What checkpoints that predate a matching setting were trained with.
+SETTING_DEFAULTS = {"ema_warmup": False, "no_flip": False}
 
 logger = logging.getLogger("dit")
 
@@ -60,7 +64,7 @@ def check_resumable(checkpoint: dict, path: str, args: argparse.Namespace, datas
     missing = missing_entries(checkpoint, RESUME_KEYS)
     if missing:
         raise ResumeError(f"{path} is not a train.py checkpoint that can be resumed (it lacks {', '.join(missing)})")
-    differences = setting_differences(checkpoint["args"], vars(args), RESUME_MATCHING_ARGS)
+    differences = setting_differences({**SETTING_DEFAULTS, **checkpoint["args"]}, vars(args), RESUME_MATCHING_ARGS)
     differences += data_differences(checkpoint["args"], args)
     saved_null_label = checkpoint["args"].get("class_dropout_prob", 0.1) > 0  # older checkpoints: the default
     if saved_null_label != (args.class_dropout_prob > 0):

@@ -59,10 +59,12 @@ def micro_batch_size(args: argparse.Namespace, world_size: int) -> int:
     return args.global_batch_size // (world_size * args.grad_accum_steps)
 
 
-def build_run(args: argparse.Namespace, info: DistInfo, dataset_size: int) -> Run:
-    """A fresh model, its EMA copy (the reference initialises both alike), optimizer and loss scaler."""
+def build_run(args: argparse.Namespace, info: DistInfo, dataset_size: int, in_channels: int, input_size: int) -> Run:
+    """A fresh model for in_channels x input_size x input_size inputs, its EMA copy (the reference
+    initialises both alike), optimizer and loss scaler."""
     model = DiT_models[args.model](
-        input_size=args.image_size // 8,
+        input_size=input_size,
+        in_channels=in_channels,
         num_classes=args.num_classes,
         class_dropout_prob=args.class_dropout_prob,
         fused_attn=args.attention == "fused",

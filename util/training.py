@@ -3,6 +3,7 @@ and the running statistics that the log lines report."""
 from __future__ import annotations
 
 import argparse
+import math
 import resource
 import time
 from collections.abc import Iterable
@@ -16,7 +17,7 @@ from diffusion import SpacedDiffusion
 from util.distributed import all_reduce_mean
 from util.precision import autocast, grad_scaler
 from models import DiT
-from util.vae import LATENT_SCALE, encode
+from util.vae import SD_VAE_DESCRIPTION, Autoencoder
 
 
 def build_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.AdamW:
@@ -51,21 +52,40 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
     torch._foreach_add_(ema_params, [p.detach() for p in model.parameters()], alpha=1 - decay)
 
 
-def latents_from_images(vae: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Scaled latents: one sample of the VAE posterior of each image.
+def ema_decay_at(decay: float, updates: int, warmup: bool) -> float:
+    """The EMA decay for the update after `updates` earlier ones: `decay`, or with warm-up
+    min(decay, (1 + t) / (10 + t)), the schedule of TensorFlow's ExponentialMovingAverage with
+    num_updates, so that a short run's EMA is not still mostly its initial weights."""
+    return min(decay, (1 + updates) / (10 + updates)) if warmup else decay
+
+
+def ema_initial_share(decay: float, updates: int, warmup: bool) -> float:
+    """The weight the EMA still gives to the weights it started from after `updates` updates:
+    the product of the decays, decay ** updates without warm-up. The warm-up decays telescope:
+    the first k of them multiply to 9! k! / (k + 9)! = 1 / C(k + 9, 9)."""
+    if not warmup:
+        return decay**updates
+    # (1 + t) / (10 + t) < decay exactly when t < (10 decay - 1) / (1 - decay).
+    warm = updates if decay >= 1 else min(updates, max(0, math.ceil((10 * decay - 1) / (1 - decay))))
+    return decay ** (updates - warm) / math.comb(warm + 9, 9)
+
+
+def latents_from_images(autoencoder: Autoencoder, images: torch.Tensor) -> torch.Tensor:
+    """Scaled latents: one sample of the VAE posterior of each image (the images themselves in
+    pixel space).
 
     Made contiguous because CPU convolutions may return channels-last tensors, and the
     diffusion's randn_like(latents) fills memory in order: the noise a step draws must not
     depend on the convolution backend (or differ between images and features).
     """
-    return encode(vae, images).contiguous()
+    return autoencoder.encode(images).contiguous()
 
 
-def latents_from_features(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """Scaled latents from a stored posterior: (mean + std * eps) * 0.18215, eps ~ N(0, I) from
-    the global generator, drawn exactly as the VAE's own posterior sample draws it."""
-    mean, std = mean.float(), std.float()
-    return (mean + std * torch.randn_like(mean)) * LATENT_SCALE
+def latents_from_features(mean: torch.Tensor, std: torch.Tensor, autoencoder: Autoencoder | None = None) -> torch.Tensor:
+    """Scaled latents from a stored posterior: (mean + std * eps - shift) * scale with the store's
+    autoencoder (the SD VAE's 0.18215 and no shift unless given), eps ~ N(0, I) from the global
+    generator, drawn exactly as the VAE's own posterior sample draws it."""
+    return (autoencoder or Autoencoder.from_description(SD_VAE_DESCRIPTION)).from_moments(mean, std)
 
 
 def total_grad_norm(model: torch.nn.Module) -> torch.Tensor:
