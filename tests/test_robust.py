@@ -275,7 +275,7 @@ def test_stop_signals_set_a_flag_instead_of_killing(sig, code):
 ANY_RANK_SCRIPT = textwrap.dedent(
     """
     import sys
-    from distributed import any_rank, cleanup_distributed, max_over_ranks, setup_distributed
+    from util.distributed import any_rank, cleanup_distributed, max_over_ranks, setup_distributed
 
     info = setup_distributed()
     results = [any_rank(False), any_rank(info.rank == 1), any_rank(info.rank == 0), any_rank(True)]
