@@ -144,7 +144,7 @@ def test_resume_auto_skips_a_truncated_newest_checkpoint_and_cleans_up(tmp_path,
 def test_resume_auto_with_no_loadable_checkpoint_is_one_sentence(tmp_path, image_folder, tiny_vae_dir):
     (tmp_path / "000-DiT-S-8" / "checkpoints").mkdir(parents=True)
     (tmp_path / "000-DiT-S-8" / "checkpoints" / "0000002.pt").write_bytes(b"garbage")
-    with pytest.raises(SystemExit, match=r"^none of the 1 checkpoints loads \(the newest is .*0000002.pt\); delete them or pass --resume PATH$"):
+    with pytest.raises(SystemExit, match=r"^none of the 1 checkpoints loads \(the newest is .*0000002.pt\); delete them, or pass --resume PATH to a checkpoint to resume from$"):
         train.main(train_args(image_folder, tiny_vae_dir, tmp_path, "--resume", "auto"))
 
 
@@ -261,7 +261,7 @@ def test_training_from_features_without_sample_grids_loads_no_vae(tmp_path, stor
     def no_vae(*a, **k):
         raise AssertionError("the VAE was loaded")
 
-    monkeypatch.setattr(train, "load_vae", no_vae)
+    monkeypatch.setattr(train, "load_autoencoder", no_vae)
     # The hub VAE named by default is never fetched (offline, this took 28.8 s of retries before failing).
     train.main(["--feature-path", str(store32), "--results-dir", str(tmp_path), *TINY, "--max-steps", "1"])
     log = (tmp_path / "000-DiT-S-8" / "log.txt").read_text()

@@ -1,7 +1,7 @@
 """What the scripts share, one concern a module:
 
   files             atomic writes, one-sentence disk errors, run folders, metrics.jsonl
-  checkpoints       checkpoint files: atomic save, safe load, the newest one that loads; CheckpointError, WeightsError
+  checkpoints       checkpoint files: atomic save, safe load, stale temporaries; CheckpointError, WeightsError
   pretrained        load_weights: every source (released name, file, state dict, diffusers folder, hf:) -> DiT weights
   diffusers_format  DiT weights between the official and diffusers' key layouts
   data              image folders, feature stores, the epoch-exact sampler
@@ -12,4 +12,11 @@
   distributed       process group set-up, collectives, the logger
   stop_signals      SIGTERM / SIGUSR1 turned into a stop at a step boundary
   flags             command-line flags several scripts share; the sampling scripts' model from --ckpt
+  training          optimizer, EMA (and its warm-up), latents, one accumulated training step, statistics
+  run_state         a training run's fixed parts (Run) and where it stands (TrainState)
+  resume            the resume policy: which checkpoint, matching settings, exact restore of a run
+  batches           this process's loader and its micro-batches as latents
+  run_outputs       metrics records and checkpoints; a diverged loss or failed write stops every rank
+  sample_grids      the EMA sample grids saved during training
+  finetune          weights to fine-tune from, fitted to the model (label table, pos_embed)
 """

@@ -12,6 +12,7 @@ from typing import Sequence
 
 import torch
 
+from diffusion import NUM_TRAIN_STEPS
 from models import DiT, DiT_models
 from util.checkpoints import WeightsError
 from util.precision import PRECISIONS
@@ -104,7 +105,7 @@ def add_sampling_flags(parser: argparse.ArgumentParser, cfg_scale: float) -> Non
     )
     parser.add_argument(
         "--num-sampling-steps", type=int, default=250,
-        help="sampler steps, 1 to 1000 (model calls: x2 with guidance; heun takes 2 per step but the last)",
+        help=f"sampler steps, 1 to {NUM_TRAIN_STEPS} (model calls: x2 with guidance; heun takes 2 per step but the last)",
     )
     parser.add_argument(
         "--sampler", type=str, choices=SAMPLERS, default="ddpm",
@@ -122,8 +123,8 @@ def check_sampling_flags(args: argparse.Namespace) -> None:
     """One sentence for a sampling flag that cannot work, before anything is loaded."""
     if not math.isfinite(args.cfg_scale):
         raise ValueError(f"--cfg-scale must be a finite number, got {args.cfg_scale}")
-    if not 1 <= args.num_sampling_steps <= 1000:
-        raise ValueError(f"--num-sampling-steps must lie in [1, 1000] (the training steps), got {args.num_sampling_steps}")
+    if not 1 <= args.num_sampling_steps <= NUM_TRAIN_STEPS:
+        raise ValueError(f"--num-sampling-steps must lie in [1, {NUM_TRAIN_STEPS}] (the training steps), got {args.num_sampling_steps}")
     if args.num_classes < 1:
         raise ValueError(f"--num-classes must be at least 1, got {args.num_classes}")
 

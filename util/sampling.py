@@ -16,7 +16,7 @@ from typing import Callable, Union
 
 import torch
 
-from diffusion import SpacedDiffusion, create_diffusion
+from diffusion import NUM_TRAIN_STEPS, SpacedDiffusion, create_diffusion
 from diffusion.solvers import DEFAULT_SPACING, SOLVERS, Solver, make_scheduler
 from models import DiT, DiT_models, check_state_dict
 from util.checkpoints import WeightsError
@@ -67,8 +67,8 @@ def create_sampler(num_steps: int, name: str, timestep_spacing: str = DEFAULT_SP
     stride, or one of diffusers' solvers over `num_steps` steps placed by `timestep_spacing`."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
-    if not 1 <= num_steps <= 1000:
-        raise SamplerError(name, num_steps, "the step count must lie in [1, 1000] (the training steps)")
+    if not 1 <= num_steps <= NUM_TRAIN_STEPS:
+        raise SamplerError(name, num_steps, f"the step count must lie in [1, {NUM_TRAIN_STEPS}] (the training steps)")
     if name in SOLVERS:
         return Solver(name, num_steps, make_scheduler(name, timestep_spacing))
     try:
