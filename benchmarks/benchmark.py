@@ -224,7 +224,7 @@ def random_batch(args: argparse.Namespace, batch: int, device: torch.device) -> 
 def training_setup(args: argparse.Namespace, spec: dict, device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], None]:
     """A function running one training step (forward, backward, AdamW, EMA) on a batch."""
     from util.precision import grad_scaler
-    from train import build_optimizer, compile_for_training, training_step, update_ema
+    from util.training import build_optimizer, compile_for_training, training_step, update_ema
 
     model = build_model(args, spec, device).train()
     model.set_grad_checkpointing(spec["ckpt"])
@@ -399,7 +399,7 @@ def load_benchmark_vae(args: argparse.Namespace, device: torch.device):
 def run_variant(args: argparse.Namespace, variant: str) -> dict:
     """Measure one variant in this process (called in a fresh child process)."""
     from util.precision import configure_precision, resolve_precision
-    from train import peak_memory_mb
+    from util.training import peak_memory_mb
 
     spec = parse_variant(variant)
     device = torch.device(args.device)

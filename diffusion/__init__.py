@@ -1,7 +1,10 @@
 """Improved-DDPM Gaussian diffusion, configured as DiT uses it: `create_diffusion(...)`."""
 from __future__ import annotations
 
-from . import gaussian_diffusion as gd
+# T, the number of diffusion steps DiT is trained with (paper Section 2, as in ADM); samplers take 1 to T.
+NUM_TRAIN_STEPS = 1000
+
+from . import gaussian_diffusion as gd  # noqa: E402
 from .respace import SpacedDiffusion, space_timesteps
 
 
@@ -13,7 +16,7 @@ def create_diffusion(
     predict_xstart: bool = False,
     learn_sigma: bool = True,
     rescale_learned_sigmas: bool = False,
-    diffusion_steps: int = 1000,
+    diffusion_steps: int = NUM_TRAIN_STEPS,
 ) -> SpacedDiffusion:
     """A diffusion process over `diffusion_steps` steps, sampled on the kept subset.
 
@@ -43,4 +46,4 @@ def create_diffusion(
     )
 
 
-__all__ = ["create_diffusion", "space_timesteps", "SpacedDiffusion", "gd"]
+__all__ = ["NUM_TRAIN_STEPS", "create_diffusion", "space_timesteps", "SpacedDiffusion", "gd"]

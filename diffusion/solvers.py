@@ -29,9 +29,9 @@ from diffusers import (
 )
 from tqdm.auto import tqdm
 
+from . import NUM_TRAIN_STEPS
 from . import gaussian_diffusion as gd
 
-TRAIN_STEPS = 1000
 SOLVERS: dict[str, tuple[type[SchedulerMixin], dict]] = {
     "dpm-solver++": (DPMSolverMultistepScheduler, dict(algorithm_type="dpmsolver++", solver_order=2)),
     "dpm-solver++-sde": (DPMSolverMultistepScheduler, dict(algorithm_type="sde-dpmsolver++", solver_order=2)),
@@ -57,8 +57,8 @@ def make_scheduler(name: str, timestep_spacing: str = DEFAULT_SPACING, **options
     scheduler_class, defaults = SOLVERS[name]
     spacing = dict(use_karras_sigmas=True) if timestep_spacing == "karras" else dict(timestep_spacing=timestep_spacing)
     return scheduler_class(
-        num_train_timesteps=TRAIN_STEPS,
-        trained_betas=gd.get_named_beta_schedule("linear", TRAIN_STEPS),  # the betas DiT was trained with
+        num_train_timesteps=NUM_TRAIN_STEPS,
+        trained_betas=gd.get_named_beta_schedule("linear", NUM_TRAIN_STEPS),  # the betas DiT was trained with
         prediction_type="epsilon",
         **spacing,
         **{**defaults, **options},

@@ -66,7 +66,7 @@ def test_missing_file(tmp_path):
 
 
 def test_missing_entries_and_setting_differences():
-    from util.checkpoints import missing_entries, setting_differences
+    from util.resume import missing_entries, setting_differences
 
     assert missing_entries({"model": 1, "step": 2}, ("model", "ema", "step")) == ["ema"]
     assert missing_entries([1, 2], ("model",)) == ["model"]  # not a dict: lacks everything

@@ -154,3 +154,12 @@ def test_palette_transparency_is_laid_over_white():
     image.info["transparency"] = 0  # red is transparent
     pixels = np.asarray(to_rgb(image))
     assert pixels[0, 0].tolist() == [0, 0, 255] and pixels[1, 1].tolist() == [255, 255, 255]
+
+
+def test_no_flip_gives_the_unmirrored_images(tmp_path):
+    root = make_image_folder(tmp_path / "images", classes=2, per_class=2)
+    flipping, plain = ImageDataset(str(root), 32), ImageDataset(str(root), 32, flip=False)
+    for index in range(len(plain)):
+        unflipped = flipping[(index, 0)][0]
+        assert torch.equal(plain[(index, 1)][0], unflipped) and torch.equal(plain[(index, 0)][0], unflipped)
+        assert torch.equal(flipping[(index, 1)][0], unflipped.flip(-1)) and not torch.equal(unflipped.flip(-1), unflipped)

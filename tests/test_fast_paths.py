@@ -14,7 +14,7 @@ from conftest import load_golden, load_golden_model, randomize_
 from diffusion import create_diffusion
 from models import DiT
 from util.sampling import compile_for_sampling
-from train import build_optimizer, compile_for_training
+from util.training import build_optimizer, compile_for_training
 
 
 def tiny_model(seed: int = 0) -> DiT:

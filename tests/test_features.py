@@ -14,10 +14,11 @@ import torch
 
 import extract_features
 import train
+from util.training import latents_from_features, latents_from_images
 from conftest import make_image_folder
 from util.data import FeatureDataset, ImageDataset, feature_bytes_per_image, open_feature_arrays
 from test_train import TINY, read_metrics, run_script
-from util.vae import LATENT_SCALE, load_vae
+from util.vae import LATENT_SCALE, Autoencoder, load_vae
 
 
 def extract_args(data: Path, vae: Path, out: Path, *extra: str) -> list[str]:
@@ -81,7 +82,7 @@ def test_same_eps_gives_the_same_latents_float16(store, on_the_fly):
     items = [dataset[(i, flip)] for flip in (0, 1) for i in range(24)]  # same order as the posterior batch
     mean, std = torch.stack([item[0] for item in items]), torch.stack([item[1] for item in items])
     torch.manual_seed(3)
-    ours = train.latents_from_features(mean, std)
+    ours = latents_from_features(mean, std)
     torch.manual_seed(3)
     eps = torch.randn(posterior.mean.shape)
     expected = (posterior.mean.half().float() + posterior.std.half().float() * eps) * LATENT_SCALE
@@ -95,9 +96,9 @@ def test_same_eps_gives_the_same_latents_float32(store32, on_the_fly):
     mean = torch.from_numpy(np.concatenate([arrays["mean"][:, 0], arrays["mean"][:, 1]]))
     std = torch.from_numpy(np.concatenate([arrays["std"][:, 0], arrays["std"][:, 1]]))
     torch.manual_seed(5)
-    ours = train.latents_from_features(mean, std)
+    ours = latents_from_features(mean, std)
     torch.manual_seed(5)
-    assert torch.equal(ours, train.latents_from_images(vae, pixels))
+    assert torch.equal(ours, latents_from_images(Autoencoder.from_module("ema", vae), pixels))
 
 
 def test_training_from_features_matches_training_from_images(tmp_path, store32, image_folder, tiny_vae_dir):

@@ -26,6 +26,9 @@ import torch
 from PIL import Image
 
 import train
+from util.batches import batch_to_device
+from util.resume import restore_rng_state
+from util.training import RunningStats, build_optimizer, training_step, update_ema
 from conftest import REPO, make_tiny_dit
 from diffusion import create_diffusion
 from util.distributed import cleanup_distributed, max_over_ranks
@@ -108,7 +111,7 @@ def test_cuda_rng_state_is_saved_and_restored():
     expected = torch.randn(1000, device=device)
     torch.manual_seed(99)
     torch.randn(7, device=device)
-    train.restore_rng_state(checkpoint, 0, DistInfo(rank=0, local_rank=0, world_size=1, device=device), seed=0)
+    restore_rng_state(checkpoint, 0, DistInfo(rank=0, local_rank=0, world_size=1, device=device), seed=0)
     assert torch.equal(torch.randn(1000, device=device), expected)
 
 
@@ -119,18 +122,18 @@ def plain_steps(model: torch.nn.Module, device: torch.device, precision: str):
     pinned memory, as the loader gives it), training step, EMA, running loss."""
     raw = model.module if hasattr(model, "module") else model  # DDP wraps the model
     ema = deepcopy(raw).requires_grad_(False)
-    optimizer = train.build_optimizer(raw, 1e-4)
+    optimizer = build_optimizer(raw, 1e-4)
     diffusion = create_diffusion("")
-    stats = train.RunningStats(device)
+    stats = RunningStats(device)
     scaler = grad_scaler(precision, device)
     mean, std = torch.randn(8, 4, 8, 8).pin_memory(), torch.rand(8, 4, 8, 8).pin_memory()
     batch = [mean, std, torch.arange(8).remainder(10).pin_memory(), torch.zeros(8, dtype=torch.bool)]
 
     def step() -> None:
-        latents, labels, skipped = train.batch_to_device(batch, None, True, device)
+        latents, labels, skipped = batch_to_device(batch, None, True, device)
         stats.add_skipped(skipped)
-        loss, _, skipped_step = train.training_step(model, diffusion, optimizer, latents, labels, precision, False, scaler)
-        train.update_ema(ema, raw, 0.9999)
+        loss, _, skipped_step = training_step(model, diffusion, optimizer, latents, labels, precision, False, scaler)
+        update_ema(ema, raw, 0.9999)
         stats.add(loss, skipped_step)
         max_over_ranks(0)  # the loop's stop-signal agreement: a CPU collective beside nccl
 

@@ -8,6 +8,7 @@ import torch
 
 from util import precision
 import train
+from util.training import build_optimizer, training_step
 from diffusion import create_diffusion
 from models import DiT_models
 from test_train import assert_state_dicts_equal, read_metrics, run_script, train_args
@@ -124,7 +125,7 @@ def test_sample_warns_about_emulated_bf16(fake_cpu, tmp_path, tiny_dit_ckpts, ti
 def tiny_training(seed: int = 0):
     torch.manual_seed(seed)
     model = DiT_models["DiT-S/8"](input_size=8, num_classes=3)
-    return model, train.build_optimizer(model, 1e-4), create_diffusion("")
+    return model, build_optimizer(model, 1e-4), create_diffusion("")
 
 
 def test_fp16_overflow_skips_the_step_and_lowers_the_scale():
@@ -132,13 +133,13 @@ def test_fp16_overflow_skips_the_step_and_lowers_the_scale():
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**60)  # scaled fp16 gradients overflow
     before = [p.detach().clone() for p in model.parameters()]
     latents, labels = torch.randn(8, 4, 8, 8), torch.arange(8) % 3
-    loss, _, skipped = train.training_step(model, diffusion, optimizer, latents, labels, "fp16", scaler=scaler)
+    loss, _, skipped = training_step(model, diffusion, optimizer, latents, labels, "fp16", scaler=scaler)
     assert torch.isfinite(loss) and bool(skipped)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))  # no update
     assert scaler.get_scale() == 2.0**59  # backed off by half
 
     scaler.update(2.0**10)  # a scale at which the gradients fit in fp16
-    _, norm, skipped = train.training_step(model, diffusion, optimizer, latents, labels, "fp16", True, scaler)
+    _, norm, skipped = training_step(model, diffusion, optimizer, latents, labels, "fp16", True, scaler)
     assert not bool(skipped) and torch.isfinite(norm)
     assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
 
@@ -150,7 +151,7 @@ def test_fp16_losses_stay_close_to_fp32():
         scaler = precision.grad_scaler(name, CPU)
         torch.manual_seed(1)
         losses[name] = [
-            train.training_step(model, diffusion, optimizer, torch.randn(8, 4, 8, 8), torch.arange(8) % 3, name, scaler=scaler)[0].item()
+            training_step(model, diffusion, optimizer, torch.randn(8, 4, 8, 8), torch.arange(8) % 3, name, scaler=scaler)[0].item()
             for _ in range(3)
         ]
     assert losses["fp16"] == pytest.approx(losses["fp32"], rel=5e-3)  # fp16 keeps 11 bits, bf16 8

@@ -18,13 +18,8 @@ import torch
 
 from util import checkpoints as checkpoint
 from util.files import WriteError, append_record, create_run_dir, output_folder_problem, trim_metrics
-from util.checkpoints import (
-    checkpoints_newest_first,
-    load_checkpoint,
-    load_newest_good_checkpoint,
-    remove_stale_temporaries,
-    save_checkpoint,
-)
+from util.checkpoints import load_checkpoint, remove_stale_temporaries, save_checkpoint
+from util.resume import checkpoints_newest_first, load_newest_good_checkpoint
 from conftest import REPO
 from util.stop_signals import StopRequest, exit_code
 

@@ -261,7 +261,7 @@ def test_training_from_features_without_sample_grids_loads_no_vae(tmp_path, stor
     def no_vae(*a, **k):
         raise AssertionError("the VAE was loaded")
 
-    monkeypatch.setattr(train, "load_vae", no_vae)
+    monkeypatch.setattr(train, "load_autoencoder", no_vae)
     # The hub VAE named by default is never fetched (offline, this took 28.8 s of retries before failing).
     train.main(["--feature-path", str(store32), "--results-dir", str(tmp_path), *TINY, "--max-steps", "1"])
     log = (tmp_path / "000-DiT-S-8" / "log.txt").read_text()

@@ -17,6 +17,8 @@ import torch
 from PIL import Image
 
 import train
+from util.sample_grids import SAMPLE_COUNT, sample_images
+from util.training import build_optimizer, training_step, update_ema
 from conftest import REPO, make_image_folder
 from diffusion import create_diffusion
 from models import DiT_models
@@ -135,11 +137,11 @@ def first_losses(precision: str = "fp32", grad_checkpointing: bool = False, step
     torch.manual_seed(0)
     model = DiT_models["DiT-S/8"](input_size=8, num_classes=3)
     model.set_grad_checkpointing(grad_checkpointing)
-    optimizer = train.build_optimizer(model, 1e-4)
+    optimizer = build_optimizer(model, 1e-4)
     diffusion = create_diffusion("")
     losses = []
     for _ in range(steps):
-        loss, norm, _ = train.training_step(model, diffusion, optimizer, torch.randn(8, 4, 8, 8), torch.arange(8) % 3, precision, True)
+        loss, norm, _ = training_step(model, diffusion, optimizer, torch.randn(8, 4, 8, 8), torch.arange(8) % 3, precision, True)
         assert loss.dtype == torch.float32 and torch.isfinite(loss) and torch.isfinite(norm)
         losses.append(loss.item())
     return losses
@@ -158,26 +160,26 @@ def test_update_ema_is_the_reference_formula():
     for p in model.parameters():
         p.data.add_(torch.randn_like(p))
     expected = {name: p.clone().mul_(0.99).add_(model.state_dict()[name], alpha=0.01) for name, p in ema.named_parameters()}
-    train.update_ema(ema, model, 0.99)
+    update_ema(ema, model, 0.99)
     assert_state_dicts_equal(dict(ema.named_parameters()), expected)
-    train.update_ema(ema, model, 0.0)
+    update_ema(ema, model, 0.0)
     assert_state_dicts_equal(ema.state_dict(), model.state_dict())
 
 
 def test_sample_grids_use_fixed_noise_and_leave_the_training_rng_alone(tiny_vae_dir):
-    from util.vae import load_vae
+    from util.vae import load_autoencoder
 
     torch.manual_seed(0)
     ema = DiT_models["DiT-S/8"](input_size=8, num_classes=3).eval()
     for p in ema.parameters():
         p.data.add_(0.01 * torch.randn_like(p))  # make the output depend on the weights
-    vae = load_vae("ema", torch.device("cpu"), str(tiny_vae_dir))
+    vae = load_autoencoder("ema", torch.device("cpu"), str(tiny_vae_dir))
     state = torch.get_rng_state()
-    first = train.sample_images(ema, vae, 3, num_classes=3, seed=0)
+    first = sample_images(ema, vae, 3, num_classes=3, seed=0)
     assert torch.equal(torch.get_rng_state(), state)
-    assert first.shape == (train.SAMPLE_COUNT, 3, 64, 64) and torch.isfinite(first).all()
-    assert torch.equal(train.sample_images(ema, vae, 3, num_classes=3, seed=0), first)
-    assert not torch.equal(train.sample_images(ema, vae, 3, num_classes=3, seed=1), first)
+    assert first.shape == (SAMPLE_COUNT, 3, 64, 64) and torch.isfinite(first).all()
+    assert torch.equal(sample_images(ema, vae, 3, num_classes=3, seed=0), first)
+    assert not torch.equal(sample_images(ema, vae, 3, num_classes=3, seed=1), first)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, image_folder, tiny_vae_dir):
@@ -237,3 +239,58 @@ def test_resume_with_another_global_batch_is_refused(tmp_path, five_steps, image
     args[args.index("--global-batch-size") + 1] = "4"
     with pytest.raises(SystemExit, match=r"it was trained with --global-batch-size 8 \(now 4\); resume with the same settings"):
         train.main(args)
+
+
+# Regression pin, recorded from train.py before --ema-warmup, --no-flip and autoencoders other than
+# the SD VAE existed: the SD-VAE path's losses for the tiny run below (one thread).
+PINNED_LOSSES = [1.0542515516281128, 1.0626201629638672, 1.064855933189392]
+
+
+@pytest.mark.slow
+def test_sd_vae_losses_are_pinned_and_a_short_run_says_its_ema_is_young(tmp_path, image_folder, tiny_vae_dir, one_thread):
+    train.main(train_args(image_folder, tiny_vae_dir, tmp_path, "--max-steps", "3", "--log-every", "1"))
+    experiment = tmp_path / "000-DiT-S-8"
+    assert [m["loss"] for m in read_metrics(experiment)] == pytest.approx(PINNED_LOSSES, rel=1e-6)
+    log = (experiment / "log.txt").read_text()
+    # 0.9999 ** 3 of the EMA is still its initial weights.
+    assert (
+        "the EMA weights still hold 100% of the initial weights after 3 steps (--ema-decay 0.9999); "
+        "sample with --weights raw, or train with --ema-warmup or a lower --ema-decay"
+    ) in log
+
+
+@pytest.mark.slow
+def test_ema_warmup_is_recorded_and_gives_a_trained_ema(tmp_path, image_folder, tiny_vae_dir, one_thread):
+    train.main(train_args(image_folder, tiny_vae_dir, tmp_path, "--max-steps", "2", "--ema-warmup", "--no-flip"))
+    experiment = tmp_path / "000-DiT-S-8"
+    ckpt = torch.load(experiment / "checkpoints" / "0000002.pt", weights_only=True)
+    assert ckpt["args"]["ema_warmup"] is True and ckpt["args"]["no_flip"] is True
+    assert "the EMA weights still hold" not in (experiment / "log.txt").read_text()
+    # Decays 0.1 then 2/11: the EMA of a zero-initialised bias is mostly the trained model's (about
+    # 0.9 of it; at the plain 0.9999 it would be about 1e-4 of it).
+    name = "final_layer.linear.bias"
+    assert ckpt["ema"][name].norm() > 0.5 * ckpt["model"][name].norm() > 0
+    with pytest.raises(SystemExit, match=r"--ema-warmup True \(now False\).*--no-flip True \(now False\)"):
+        train.main(train_args(image_folder, tiny_vae_dir, tmp_path, "--max-steps", "3", "--resume", "auto"))
+
+
+@pytest.mark.slow
+def test_pixel_space_run_resumes_bitwise(tmp_path, image_folder, one_thread):
+    def pixel_args(results: Path, *extra: str) -> list[str]:
+        args = ["--data-path", str(image_folder), "--results-dir", str(results), *TINY, "--vae", "none", "--log-every", "1"]
+        args[args.index("--image-size") + 1] = "32"  # 32x32 pixels: 4x4 tokens of 8x8 patches
+        return [*args, *extra]
+
+    train.main(pixel_args(tmp_path / "whole", "--max-steps", "4", "--sample-every", "4", "--sample-steps", "2"))
+    whole = tmp_path / "whole" / "000-DiT-S-8"
+    reference = torch.load(whole / "checkpoints" / "0000004.pt", weights_only=True)
+    assert reference["model"]["x_embedder.proj.weight"].shape == (384, 3, 8, 8) and reference["args"]["vae"] == "none"
+    assert Image.open(whole / "samples" / "0000004.png").size == (4 * 32 + 5 * 2, 2 * 32 + 3 * 2)
+
+    train.main(pixel_args(tmp_path / "parts", "--max-steps", "3"))  # stops inside epoch 1
+    train.main(pixel_args(tmp_path / "parts", "--max-steps", "4", "--resume", "auto"))
+    parts = tmp_path / "parts" / "000-DiT-S-8"
+    ours = torch.load(parts / "checkpoints" / "0000004.pt", weights_only=True)
+    assert_state_dicts_equal(ours["model"], reference["model"])
+    assert_state_dicts_equal(ours["ema"], reference["ema"])
+    assert [m["loss"] for m in read_metrics(parts)] == [m["loss"] for m in read_metrics(whole)]

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import train
+from util.training import accumulated_step, build_optimizer
 from conftest import randomize_
 from diffusion import create_diffusion
 from models import DiT_models
@@ -42,8 +43,8 @@ def tiny_model() -> torch.nn.Module:
 
 def step_on_splits(model: torch.nn.Module, parts: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, dict, dict]:
     """One accumulated step over `parts`: the loss, the gradients, and the weights after the step."""
-    optimizer = train.build_optimizer(model, 1e-3)
-    loss, _, _ = train.accumulated_step(model, create_diffusion(""), optimizer, parts, len(parts))
+    optimizer = build_optimizer(model, 1e-3)
+    loss, _, _ = accumulated_step(model, create_diffusion(""), optimizer, parts, len(parts))
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     return loss, grads, {name: p.detach().clone() for name, p in model.named_parameters()}
 
@@ -101,9 +102,9 @@ def ddp_worker(out: str) -> None:
 
     ddp.register_comm_hook(None, counting_hook)
     calls_before: list[int] = []
-    optimizer = train.build_optimizer(model, 1e-3)
+    optimizer = build_optimizer(model, 1e-3)
     micro_batches = counting_micro_batches(split(fixed_batch(), 2, rank, world_size))
-    train.accumulated_step(ddp, create_diffusion(""), optimizer, micro_batches, 2)
+    accumulated_step(ddp, create_diffusion(""), optimizer, micro_batches, 2)
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     if rank == 0:
         torch.save({"grads": grads, "calls": [*calls_before, len(calls)]}, out)

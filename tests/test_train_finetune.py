@@ -69,3 +69,27 @@ def test_a_missing_source_gets_one_sentence_before_any_work(tmp_path, image_fold
     with pytest.raises(SystemExit, match=r"--init-from .*nope.pt does not exist; pass a checkpoint file or a released name \(DiT-XL-2-256x256.pt"):
         fine_tune(tmp_path, image_folder, tiny_vae_dir, tmp_path / "nope.pt")
     assert not (tmp_path / "000-DiT-S-8").exists()
+
+
+@pytest.mark.slow
+def test_init_from_another_image_size_recomputes_pos_embed(tmp_path, image_folder, tiny_vae_dir):
+    from models import sincos_2d
+
+    weights = make_tiny_dit(num_classes=3, seed=3)  # 64 px: 8x8 latents, one token
+    torch.save(weights, tmp_path / "64px.pt")
+    ckpt, log = fine_tune(tmp_path / "run", image_folder, tiny_vae_dir, tmp_path / "64px.pt", "--image-size", "128")
+    fresh = sincos_2d(384, 2).unsqueeze(0)  # 16x16 latents: 2x2 tokens of DiT-S/8
+    assert torch.equal(ckpt["model"]["pos_embed"], fresh) and torch.equal(ckpt["ema"]["pos_embed"], fresh)
+    for name in weights:
+        if name != "pos_embed":
+            assert torch.equal(ckpt["model"][name], weights[name]) and torch.equal(ckpt["ema"][name], weights[name]), name
+    lines = [line for line in log.splitlines() if "pos_embed recomputed" in line]
+    assert len(lines) == 1 and lines[0].endswith(
+        f"--init-from {tmp_path / '64px.pt'} was trained at 64 px (8x8 latents): pos_embed recomputed for 16x16 latents"
+    )
+
+
+def test_a_refusal_names_what_the_weights_were_made_for(tmp_path, image_folder, tiny_vae_dir):
+    torch.save(make_tiny_dit("DiT-S/4", num_classes=3), tmp_path / "s4.pt")
+    with pytest.raises(SystemExit, match=r"\(the weights are those of a DiT of depth 12, width 384 and patch size 4 on 8x8 latents of 4 channels\)$"):
+        fine_tune(tmp_path / "run", image_folder, tiny_vae_dir, tmp_path / "s4.pt")

@@ -9,6 +9,7 @@ import torch
 
 from util import data
 import train
+from util.resume import seed_for_step
 from test_train import read_metrics, run_script, train_args
 
 
@@ -65,7 +66,7 @@ def test_one_process_resumes_on_two(tmp_path, image_folder, tiny_vae_dir):
 
 
 def test_new_random_draws_depend_on_seed_step_and_rank_alone():
-    seed = train.seed_for_step(0, 10, 1)
-    assert seed == train.seed_for_step(0, 10, 1) and 0 <= seed < 2**64
-    others = {train.seed_for_step(*key) for key in [(1, 10, 1), (0, 11, 1), (0, 10, 0)]}
+    seed = seed_for_step(0, 10, 1)
+    assert seed == seed_for_step(0, 10, 1) and 0 <= seed < 2**64
+    others = {seed_for_step(*key) for key in [(1, 10, 1), (0, 11, 1), (0, 10, 0)]}
     assert seed not in others and len(others) == 3

@@ -5,7 +5,7 @@
   pretrained        released checkpoints, hub names, diffusers folders -> DiT weights
   diffusers_format  DiT weights between the official and diffusers' key layouts
   data              image folders, feature stores, the epoch-exact sampler
-  vae               the Stable Diffusion VAE: load, encode, decode
+  vae               the autoencoder DiT works in (an AutoencoderKL, or pixels): load, encode, decode
   images            centre crop, uint8 conversion, sample grids
   sampling          weights -> model, classifier-free guidance, denoising loops
   precision         fp32 / tf32 / bf16 / fp16 choice and autocast

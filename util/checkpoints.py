@@ -1,12 +1,12 @@
-"""Checkpoint files: atomic group-readable writes, safe (weights_only) reads, and finding the
-newest one that loads."""
+"""Checkpoint files: atomic group-readable writes, safe (weights_only) reads, the names of a
+run's checkpoints and the temporaries an interrupted write leaves."""
 from __future__ import annotations
 
 import glob
 import os
 import re
 import tempfile
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -59,33 +59,6 @@ def model_weights(checkpoint: dict) -> dict:
     return checkpoint["ema"] if isinstance(checkpoint, dict) and "ema" in checkpoint else checkpoint
 
 
-def missing_entries(checkpoint: Any, keys: tuple[str, ...]) -> list[str]:
-    """The entries of `keys` that a loaded checkpoint lacks (all of them if it is not a dict)."""
-    return [key for key in keys if not isinstance(checkpoint, dict) or key not in checkpoint]
-
-
-def setting_differences(saved: dict, current: dict, keys: tuple[str, ...]) -> list[str]:
-    """'--flag saved (now current)' for each setting of `keys` that differs between the two."""
-    return [
-        f"--{key.replace('_', '-')} {saved.get(key)} (now {current.get(key)})" for key in keys if saved.get(key) != current.get(key)
-    ]
-
-
-def checkpoints_newest_first(results_dir: str, name: str) -> list[str]:
-    """The checkpoints (checkpoints/<step>.pt) of every run results_dir/NNN-<name>, the newest
-    run first and, within a run, the highest step first."""
-    runs = []
-    if os.path.isdir(results_dir):
-        runs = [(int(m.group(1)), entry) for entry in os.listdir(results_dir) if (m := re.fullmatch(rf"(\d+)-{re.escape(name)}", entry))]
-    paths = []
-    for _, run in sorted(runs, reverse=True):
-        folder = os.path.join(results_dir, run, "checkpoints")
-        entries = os.listdir(folder) if os.path.isdir(folder) else []
-        steps = [(int(m.group(1)), entry) for entry in entries if (m := CHECKPOINT_NAME.fullmatch(entry))]
-        paths += [os.path.join(folder, entry) for _, entry in sorted(steps, reverse=True)]
-    return paths
-
-
 def remove_stale_temporaries(folder: str) -> list[str]:
     """Delete the temporary files of checkpoint writes that a kill interrupted; returns their paths.
 
@@ -95,21 +68,3 @@ def remove_stale_temporaries(folder: str) -> list[str]:
     for path in stale:
         os.remove(path)
     return stale
-
-
-def load_newest_good_checkpoint(
-    paths: Sequence[str], warn: Callable[[str], None], map_location: str | torch.device = "cpu"
-) -> tuple[str, Any] | None:
-    """The first of `paths` (newest first) that loads, with its contents; None when there are none.
-
-    A file that does not load (truncated by a crash, corrupt) is skipped with one line through
-    `warn`; when none loads, ValueError says so.
-    """
-    for path in paths:
-        try:
-            return path, load_checkpoint(path, map_location)
-        except (ValueError, FileNotFoundError) as error:
-            warn(f"skipping checkpoint {path}: it does not load ({first_line(error.__cause__ or error)}), so it can be deleted")
-    if paths:
-        raise ValueError(f"none of the {len(paths)} checkpoints loads (the newest is {paths[0]}); delete them or pass --resume PATH")
-    return None

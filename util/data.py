@@ -103,11 +103,12 @@ class ImageDataset(Dataset):
     """An ImageFolder tree (root/<class>/<image>), or a folder of images without classes (one
     class, for unconditional training), as ADM-center-cropped RGB tensors in [-1, 1].
 
-    Items are addressed by (index, flip). An unreadable file is logged and replaced by the
-    next readable image; the item reports how many files it skipped so training can count them.
+    Items are addressed by (index, flip); with flip=False no image is mirrored, whatever the
+    item asks. An unreadable file is logged and replaced by the next readable image; the item
+    reports how many files it skipped so training can count them.
     """
 
-    def __init__(self, root: str, image_size: int):
+    def __init__(self, root: str, image_size: int, flip: bool = True):
         if not os.path.isdir(root):
             raise ValueError(f"the data folder {root} does not exist")
         try:
@@ -124,6 +125,7 @@ class ImageDataset(Dataset):
         self.samples = samples
         self.classes = classes
         self.image_size = image_size
+        self.flip = flip  # the random horizontal flip of the paper's training data (Section 4)
         self.to_tensor = transforms.Compose(
             [transforms.ToTensor(), transforms.Normalize(mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5], inplace=True)]
         )
@@ -141,7 +143,7 @@ class ImageDataset(Dataset):
             logger.warning(f"skipping unreadable image {path} ({type(error).__name__}: {error})")
             return None
         pixels = self.to_tensor(center_crop_arr(image, self.image_size))
-        return pixels.flip(-1) if flip else pixels
+        return pixels.flip(-1) if flip and self.flip else pixels
 
     def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int, int]:
         index, flip = item

@@ -8,9 +8,10 @@ from __future__ import annotations
 import argparse
 import math
 
+from diffusion import NUM_TRAIN_STEPS
 from models import DiT_models
 from util.precision import PRECISIONS
-from util.vae import HUB_VAES
+from util.vae import HUB_VAES, PIXEL_SPACE
 
 
 def make_parser(description: str) -> argparse.ArgumentParser:
@@ -38,9 +39,23 @@ def add_data_flags(parser: argparse.ArgumentParser, required: bool) -> None:
 
 
 def add_vae_flags(parser: argparse.ArgumentParser, default: str) -> None:
-    """--vae, --vae-path: the Stable Diffusion VAE from the hub, or a local copy."""
-    parser.add_argument("--vae", type=str, choices=list(HUB_VAES), default=default, help="stabilityai/sd-vae-ft-<vae> on the hub")
-    parser.add_argument("--vae-path", type=str, default=None, help="a local diffusers AutoencoderKL folder instead of the hub")
+    """--vae, --vae-path: the space the DiT works in (paper Section 3.1: the SD VAE's latents)."""
+    parser.add_argument(
+        "--vae", type=str, choices=[*HUB_VAES, PIXEL_SPACE], default=default,
+        help=f"ema/mse: the latents of stabilityai/sd-vae-ft-<vae> from the hub; {PIXEL_SPACE}: no autoencoder, "
+        "the DiT works on RGB pixels in [-1, 1]",
+    )
+    parser.add_argument(
+        "--vae-path", type=str, default=None,
+        help="a local diffusers AutoencoderKL folder, any channels and down-sampling (its config's); wins over --vae",
+    )
+
+
+def vae_error_sentence(error: Exception, vae_path: str | None) -> str:
+    """An AutoencoderError's sentence with the flag that fixes it: the folder's, or the folder to pass."""
+    if vae_path is not None:
+        return f"--vae-path {error}"
+    return f"{error}: pass it with --vae-path DIR"
 
 
 def add_precision_flag(parser: argparse.ArgumentParser, default: str | None) -> None:
@@ -74,7 +89,7 @@ def add_sampling_flags(parser: argparse.ArgumentParser, cfg_scale: float) -> Non
     )
     parser.add_argument(
         "--num-sampling-steps", type=int, default=250,
-        help="sampler steps, 1 to 1000 (model calls: x2 with guidance; heun takes 2 per step but the last)",
+        help=f"sampler steps, 1 to {NUM_TRAIN_STEPS} (model calls: x2 with guidance; heun takes 2 per step but the last)",
     )
     parser.add_argument(
         "--sampler", type=str, choices=SAMPLERS, default="ddpm",
@@ -92,7 +107,7 @@ def check_sampling_flags(args: argparse.Namespace) -> None:
     """One sentence for a sampling flag that cannot work, before anything is loaded."""
     if not math.isfinite(args.cfg_scale):
         raise ValueError(f"--cfg-scale must be a finite number, got {args.cfg_scale}")
-    if not 1 <= args.num_sampling_steps <= 1000:
-        raise ValueError(f"--num-sampling-steps must lie in [1, 1000] (the training steps), got {args.num_sampling_steps}")
+    if not 1 <= args.num_sampling_steps <= NUM_TRAIN_STEPS:
+        raise ValueError(f"--num-sampling-steps must lie in [1, {NUM_TRAIN_STEPS}] (the training steps), got {args.num_sampling_steps}")
     if args.num_classes < 1:
         raise ValueError(f"--num-classes must be at least 1, got {args.num_classes}")

@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from diffusion import SpacedDiffusion, create_diffusion
+from diffusion import NUM_TRAIN_STEPS, SpacedDiffusion, create_diffusion
 from util.checkpoints import load_checkpoint, model_weights
 from util.pretrained import PRETRAINED_MODELS, find_model
 from models import DiT, DiT_models, check_state_dict
@@ -126,8 +126,8 @@ def create_sampler(num_steps: int, sampler: str, timestep_spacing: str = DEFAULT
     stride, or one of diffusers' solvers over `num_steps` steps placed by `timestep_spacing`."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    if not 1 <= num_steps <= 1000:
-        raise ValueError(f"--num-sampling-steps must lie in [1, 1000], got {num_steps}")
+    if not 1 <= num_steps <= NUM_TRAIN_STEPS:
+        raise ValueError(f"--num-sampling-steps must lie in [1, {NUM_TRAIN_STEPS}], got {num_steps}")
     if sampler in SOLVERS:
         return Solver(sampler, num_steps, make_scheduler(sampler, timestep_spacing))
     respacing = f"ddim{num_steps}" if sampler == "ddim" else str(num_steps)

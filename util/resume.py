@@ -1,0 +1,197 @@
+"""The resume policy: which checkpoint continues a run, whether its settings allow it, and how
+weights, optimizer, data position and random streams are restored from it exactly."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from util.checkpoints import CHECKPOINT_NAME, load_checkpoint, remove_stale_temporaries
+from util.distributed import DistInfo
+from util.files import first_line, trim_metrics
+from util.run_state import Run, TrainState, micro_batch_size
+
+# Checkpoint entries a resumable checkpoint must hold (the reference's four come first).
+RESUME_KEYS = ("model", "ema", "opt", "args", "step", "epoch", "epoch_step", "world_size", "dataset_size", "rng")
+# Settings a resumed run must share with its checkpoint.
+RESUME_MATCHING_ARGS = (
+    "model", "image_size", "num_classes", "global_batch_size", "global_seed", "ema_decay", "ema_warmup", "no_flip",
+)
+# What checkpoints that predate a matching setting were trained with.
+SETTING_DEFAULTS = {"ema_warmup": False, "no_flip": False}
+
+logger = logging.getLogger("dit")
+
+
+class ResumeError(ValueError):
+    """A checkpoint that cannot continue this run, in one sentence."""
+
+
+def experiment_name(model: str) -> str:
+    return model.replace("/", "-")
+
+
+def missing_entries(checkpoint: Any, keys: tuple[str, ...]) -> list[str]:
+    """The entries of `keys` that a loaded checkpoint lacks (all of them if it is not a dict)."""
+    return [key for key in keys if not isinstance(checkpoint, dict) or key not in checkpoint]
+
+
+def setting_differences(saved: dict, current: dict, keys: tuple[str, ...]) -> list[str]:
+    """'--flag saved (now current)' for each setting of `keys` that differs between the two."""
+    return [
+        f"--{key.replace('_', '-')} {saved.get(key)} (now {current.get(key)})" for key in keys if saved.get(key) != current.get(key)
+    ]
+
+
+def data_differences(saved: dict, args: argparse.Namespace) -> list[str]:
+    """'--data-path saved (now current)' when a checkpoint was trained on another image folder or feature store."""
+    differences = []
+    for key in ("data_path", "feature_path"):
+        before, now = saved.get(key), getattr(args, key)
+        if (before and os.path.abspath(before)) != (now and os.path.abspath(now)):
+            differences.append(f"--{key.replace('_', '-')} {before} (now {now})")
+    return differences
+
+
+def check_resumable(checkpoint: dict, path: str, args: argparse.Namespace, dataset_size: int) -> None:
+    """Raise ResumeError unless `checkpoint` continues this run's settings. The number of
+    processes and the accumulation split may change: only the global batch decides the data order."""
+    missing = missing_entries(checkpoint, RESUME_KEYS)
+    if missing:
+        raise ResumeError(f"{path} is not a train.py checkpoint that can be resumed (it lacks {', '.join(missing)})")
+    differences = setting_differences({**SETTING_DEFAULTS, **checkpoint["args"]}, vars(args), RESUME_MATCHING_ARGS)
+    differences += data_differences(checkpoint["args"], args)
+    saved_null_label = checkpoint["args"].get("class_dropout_prob", 0.1) > 0  # older checkpoints: the default
+    if saved_null_label != (args.class_dropout_prob > 0):
+        differences.append(f"{'a' if saved_null_label else 'no'} null label (--class-dropout-prob {args.class_dropout_prob} now)")
+    if checkpoint["dataset_size"] != dataset_size:
+        differences.append(f"a dataset of {checkpoint['dataset_size']} images (now {dataset_size})")
+    if differences:
+        raise ResumeError(f"cannot resume from {path}: it was trained with {', '.join(differences)}; resume with the same settings")
+
+
+def checkpoints_newest_first(results_dir: str, name: str) -> list[str]:
+    """The checkpoints (checkpoints/<step>.pt) of every run results_dir/NNN-<name>, the newest
+    run first and, within a run, the highest step first."""
+    runs = []
+    if os.path.isdir(results_dir):
+        runs = [(int(m.group(1)), entry) for entry in os.listdir(results_dir) if (m := re.fullmatch(rf"(\d+)-{re.escape(name)}", entry))]
+    paths = []
+    for _, run in sorted(runs, reverse=True):
+        folder = os.path.join(results_dir, run, "checkpoints")
+        entries = os.listdir(folder) if os.path.isdir(folder) else []
+        steps = [(int(m.group(1)), entry) for entry in entries if (m := CHECKPOINT_NAME.fullmatch(entry))]
+        paths += [os.path.join(folder, entry) for _, entry in sorted(steps, reverse=True)]
+    return paths
+
+
+def load_newest_good_checkpoint(
+    paths: Sequence[str], warn: Callable[[str], None], map_location: str | torch.device = "cpu"
+) -> tuple[str, Any] | None:
+    """The first of `paths` (newest first) that loads, with its contents; None when there are none.
+
+    A file that does not load (truncated by a crash, corrupt) is skipped with one line through
+    `warn`; when none loads, ValueError says so.
+    """
+    for path in paths:
+        try:
+            return path, load_checkpoint(path, map_location)
+        except (ValueError, FileNotFoundError) as error:
+            warn(f"skipping checkpoint {path}: it does not load ({first_line(error.__cause__ or error)}), so it can be deleted")
+    if paths:
+        raise ValueError(f"none of the {len(paths)} checkpoints loads (the newest is {paths[0]}); delete them or pass --resume PATH")
+    return None
+
+
+def open_resume_checkpoint(args: argparse.Namespace, dataset_size: int, notes: list[str]) -> tuple[dict | None, str | None]:
+    """The checkpoint that args.resume names (checked against the settings) and its path, or (None, None).
+
+    "auto" takes the newest checkpoint of the model that loads: one that a crash left damaged is
+    skipped with a line in `notes`. Raises ValueError (ResumeError for a mismatch) in one sentence.
+    """
+    if args.resume == "auto":
+        candidates = checkpoints_newest_first(args.results_dir, experiment_name(args.model))
+        found = load_newest_good_checkpoint(candidates, notes.append)
+    else:
+        found = (args.resume, load_checkpoint(args.resume, map_location="cpu")) if args.resume else None
+    if found is None:
+        return None, None
+    path, checkpoint = found
+    check_resumable(checkpoint, path, args, dataset_size)
+    return checkpoint, path
+
+
+def tidy_resumed_folder(experiment_dir: str, step: int) -> None:
+    """Remove what a killed run left: temporary checkpoint files, and metrics records after the
+    resumed step (this run logs those steps again) or cut off mid-line."""
+    stale = remove_stale_temporaries(os.path.join(experiment_dir, "checkpoints"))
+    if stale:
+        logger.info(f"removed {len(stale)} stale temporary checkpoint file(s): {', '.join(stale)}")
+    dropped = trim_metrics(os.path.join(experiment_dir, "metrics.jsonl"), step)
+    if dropped:
+        logger.info(f"metrics.jsonl: dropped {dropped} record(s) after step {step} or cut off, as this run logs those steps again")
+
+
+def seed_for_step(seed: int, step: int, rank: int) -> int:
+    """A seed for the random draws of process `rank` from `step` on, a function of these alone."""
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, np.uint64)[0])
+
+
+def restore_rng_state(checkpoint: dict, step: int, info: DistInfo, seed: int) -> None:
+    """Continue each process's random draws (timesteps, noise, label dropout, latent samples):
+    exactly where they stopped on the same number of processes; on another number, where the
+    checkpoint has no stream for some ranks, anew from (seed, step, rank)."""
+    if checkpoint["world_size"] == info.world_size:
+        states = checkpoint["rng"][info.rank]
+        torch.set_rng_state(states["cpu"])
+        if info.device.type == "cuda" and states["cuda"] is not None:
+            torch.cuda.set_rng_state(states["cuda"], info.device)
+        return
+    torch.manual_seed(seed_for_step(seed, step, info.rank))
+    logger.info(
+        f"the checkpoint was trained by {checkpoint['world_size']} process(es), now {info.world_size}: "
+        f"the data order continues as it was, random draws start anew from (--global-seed, step {step}, rank)"
+    )
+
+
+def restore_run(run: Run, checkpoint: dict, path: str) -> TrainState:
+    """Load weights, optimizer and loss scale from a resumable checkpoint; the state to continue from."""
+    run.model.load_state_dict(checkpoint["model"])
+    run.ema.load_state_dict(checkpoint["ema"])
+    run.optimizer.load_state_dict(checkpoint["opt"])
+    for group in run.optimizer.param_groups:
+        group["lr"] = run.args.lr
+    if checkpoint["args"].get("lr") != run.args.lr:
+        logger.info(f"--lr changed from {checkpoint['args'].get('lr')} (the checkpoint's) to {run.args.lr}: continuing with {run.args.lr}")
+    if run.scaler.is_enabled() and checkpoint.get("scaler"):  # the loss scale of an fp16 run
+        run.scaler.load_state_dict(checkpoint["scaler"])
+    step, epoch, epoch_step = checkpoint["step"], checkpoint["epoch"], checkpoint["epoch_step"]
+    logger.info(
+        f"resuming from {path} at step {step} (epoch {epoch}, batch {epoch_step} of the epoch), trained with "
+        f"{checkpoint['world_size']} process(es) x {checkpoint.get('grad_accum_steps', 1)} micro-batches"
+    )
+    return TrainState(step, epoch, epoch_step, last_checkpoint=path, checked_step=step, saved_step=step)
+
+
+def training_checkpoint(run: Run, state: TrainState, rng: list[dict]) -> dict:
+    """Everything a resumed run needs (the reference's four entries first)."""
+    return {
+        "model": run.model.state_dict(),
+        "ema": run.ema.state_dict(),
+        "opt": run.optimizer.state_dict(),
+        "args": vars(run.args),
+        "step": state.step,
+        "epoch": state.epoch,
+        "epoch_step": state.epoch_step,
+        "world_size": run.info.world_size,
+        "grad_accum_steps": run.args.grad_accum_steps,  # the split of the global batch
+        "micro_batch_size": micro_batch_size(run.args, run.info.world_size),
+        "dataset_size": run.dataset_size,
+        "rng": rng,
+        "scaler": run.scaler.state_dict(),  # {} unless fp16
+    }
