@@ -17,8 +17,17 @@ it by the classifier's accuracy on the held-out real digits, so real test images
 Outputs: quickstart.json (everything), quickstart.md (table and machine line), quickstart.png
 (accuracy against training time) and samples.png (10 x 10, one row per class, last checkpoint).
 
-Recipe (why in README's quick start): DiT-S/4 on 8x8 pixels (4 tokens), batch 64, lr 1e-3,
-EMA 0.999 with warm-up, no flips, DPM-Solver++ 20 steps, guidance 2.
+Recipe, for 2 CPU cores: DiT-S/4 on the 8x8 digits themselves, in RGB pixels (--vae none, 3
+channels): 4 tokens of 4x4 patches, so a step costs about a quarter of DiT-S/2's 16 tokens
+while attention still has a grid to mix; 16 px would only repeat pixels at four times the cost.
+Batch 64 and lr 1e-3 (the paper's 1e-4 at batch 256 is for 1.28M ImageNet images and 400K
+steps; here a run has a few hundred steps over 1,438 images). EMA 0.999 with warm-up
+(decay min(0.999, (1+t)/(10+t))): 0.9999 would still be the initial weights after a few hundred
+steps, the warm-up averages over the last tenth of the run. No flips: a mirrored 2 or 7 is no
+digit. Sampling: DPM-Solver++(2M) in 20 steps (a tenth of DDPM-250's model calls for the same
+digits at this size) with guidance 2 (class-conditional samples are what the score counts).
+
+  python -m benchmarks.quickstart --checkpoint CKPT --out-dir DIR  scores one checkpoint only.
 """
 from __future__ import annotations
 
@@ -133,21 +142,37 @@ def steps_per_second(data_dir: str, scratch: str) -> float:
     return read_metrics(scratch)[-1]["steps_per_sec"]
 
 
-def train_for(data_dir: str, results_dir: str, seconds: float, ckpt_every: int) -> tuple[float, float]:
+def train_for(data_dir: str, results_dir: str, seconds: float, ckpt_every: int, keep_every: float) -> tuple[float, float]:
     """Run train.py until `seconds` have passed, then stop it with SIGTERM (it saves that step).
-    Returns (launch time, stop time)."""
+    Checkpoints closer than `keep_every` seconds to the one kept before are deleted as they
+    appear, so a slower or faster machine than measured never fills the disk. Returns
+    (launch time, stop time)."""
     command = train_command(data_dir, results_dir, ["--ckpt-every", str(ckpt_every), "--log-every", str(max(1, ckpt_every // 4))])
     start = time.time()
     process = subprocess.Popen(command)
-    try:
-        process.wait(timeout=seconds)
-    except subprocess.TimeoutExpired:
+    kept: list[str] = []
+    while process.poll() is None and time.time() - start < seconds:
+        time.sleep(1)
+        thin_checkpoints(results_dir, kept, start, keep_every)
+    if process.poll() is None:
         process.send_signal(signal.SIGTERM)
         process.wait()
     stop = time.time()
     if process.returncode not in (0, 128 + signal.SIGTERM, -signal.SIGTERM):
         raise SystemExit(f"train.py failed with exit code {process.returncode}; its log is in {results_dir}")
     return start, stop
+
+
+def thin_checkpoints(results_dir: str, kept: list[str], start: float, keep_every: float) -> None:
+    """Keep a new checkpoint only if it is `keep_every` seconds younger than the last one kept."""
+    for path in checkpoints_of(results_dir):
+        if path in kept:
+            continue
+        last = os.path.getmtime(kept[-1]) if kept else start
+        if os.path.getmtime(path) - last >= 0.9 * keep_every:
+            kept.append(path)
+        else:
+            os.remove(path)
 
 
 def checkpoints_of(results_dir: str) -> list[str]:
@@ -241,21 +266,46 @@ def time_to(rows: list[dict], fraction: float) -> float | None:
     return next((r["seconds"] for r in rows if r["relative"] >= fraction * best), None)
 
 
+def save_class_rows(images: torch.Tensor, per_class: int, path: str) -> None:
+    """samples.png: the first (up to) 10 samples of every class, one row per class."""
+    shown = min(10, per_class)
+    rows = images.reshape(NUM_CLASSES, per_class, *images.shape[1:])[:, :shown]
+    save_digit_grid(rows.reshape(-1, *images.shape[1:]), NUM_CLASSES, path)
+
+
+def score_one(checkpoint: str, out_dir: str, per_class: int) -> None:
+    """Score one checkpoint and write out_dir/samples.png."""
+    classifier, reference = fit_digit_classifier()
+    model, step = load_ema(checkpoint)
+    images, labels = sample_classes(model, per_class)
+    accuracy = score_samples(classifier, images, labels)
+    os.makedirs(out_dir, exist_ok=True)
+    save_class_rows(images, per_class, os.path.join(out_dir, "samples.png"))
+    print(f"step {step}: accuracy {accuracy:.3f}, {accuracy / reference:.3f} of real digits ({reference:.3f}); grid in {out_dir}/samples.png")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train a pixel-space DiT on 8x8 digits and score its samples with a classifier.")
     parser.add_argument("--out-dir", required=True, help="a new or empty folder for the data, the run and the report")
     parser.add_argument("--minutes", type=float, default=10.0, help="training time (wall clock, including start-up)")
     parser.add_argument("--eval-every-seconds", type=float, default=60.0, help="training time between scored checkpoints")
     parser.add_argument("--samples-per-class", type=int, default=20, help="samples scored per class and checkpoint")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for training and sampling (default: torch's, all cores)")
+    parser.add_argument("--checkpoint", default=None, help="score and draw this train.py checkpoint instead of training")
     args = parser.parse_args(argv)
+    if args.threads is not None:  # train.py, a child process, reads OMP_NUM_THREADS
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+        torch.set_num_threads(args.threads)
+    if args.checkpoint is not None:
+        return score_one(args.checkpoint, args.out_dir, args.samples_per_class)
     if os.path.isdir(args.out_dir) and os.listdir(args.out_dir):
         raise SystemExit(f"--out-dir {args.out_dir} is not empty; choose a new folder")
     data_dir, results_dir = os.path.join(args.out_dir, "digits"), os.path.join(args.out_dir, "results")
     write_digits(data_dir, "train", IMAGE_SIZE)
     rate = steps_per_second(data_dir, os.path.join(args.out_dir, "calibration"))
-    ckpt_every = max(1, round(rate * args.eval_every_seconds))
+    ckpt_every = max(1, round(rate * args.eval_every_seconds / 2))  # thin_checkpoints keeps about 1 in 2
     print(f"train.py runs {rate:.2f} steps/s here: a checkpoint every {ckpt_every} steps", flush=True)
-    launch, stop = train_for(data_dir, results_dir, args.minutes * 60, ckpt_every)
+    launch, stop = train_for(data_dir, results_dir, args.minutes * 60, ckpt_every, args.eval_every_seconds)
     rows, reference, images = score_checkpoints(checkpoints_of(results_dir), launch, args.samples_per_class)
 
     info = hardware(torch.device("cpu"))
@@ -270,9 +320,7 @@ def main(argv: list[str] | None = None) -> None:
     write_table(rows, machine, reference, os.path.join(args.out_dir, "quickstart.md"))
     plot_series([r["seconds"] for r in rows], [r["relative"] for r in rows], os.path.join(args.out_dir, "quickstart.png"),
                 f"{MODEL} on 8x8 digits: samples recognised, relative to real digits", "training seconds", "score")
-    per_row = min(10, args.samples_per_class)
-    picked = images.reshape(NUM_CLASSES, args.samples_per_class, *images.shape[1:])[:, :per_row].reshape(-1, *images.shape[1:])
-    save_digit_grid(picked, NUM_CLASSES, os.path.join(args.out_dir, "samples.png"))
+    save_class_rows(images, args.samples_per_class, os.path.join(args.out_dir, "samples.png"))
     print(open(os.path.join(args.out_dir, "quickstart.md")).read())
 
 
