@@ -157,12 +157,14 @@ def train_for(data_dir: str, results_dir: str, seconds: float, ckpt_every: int, 
     start = time.time()
     process = subprocess.Popen(command)
     kept: list[str] = []
-    while process.poll() is None and time.time() - start < seconds:
-        time.sleep(1)
-        thin_checkpoints(results_dir, kept, start, keep_every)
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        process.wait()
+    try:
+        while process.poll() is None and time.time() - start < seconds:
+            time.sleep(1)
+            thin_checkpoints(results_dir, kept, start, keep_every)
+    finally:  # also on an error or Ctrl-C here: train.py saves its step and exits
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            process.wait()
     stop = time.time()
     if process.returncode not in (0, 128 + signal.SIGTERM, -signal.SIGTERM):
         raise SystemExit(f"train.py failed with exit code {process.returncode}; its log is in {results_dir}")
@@ -182,7 +184,8 @@ def thin_checkpoints(results_dir: str, kept: list[str], start: float, keep_every
 
 
 def checkpoints_of(results_dir: str) -> list[str]:
-    paths = [os.path.join(root, name) for root, _, names in os.walk(results_dir) for name in names if name.endswith(".pt")]
+    """train.py's checkpoints (NNNNNNN.pt; not the .tmp-*.pt being written), oldest first."""
+    paths = [os.path.join(root, name) for root, _, names in os.walk(results_dir) for name in names if name.removesuffix(".pt").isdigit()]
     return sorted(paths, key=lambda path: os.path.basename(path))
 
 
@@ -312,22 +315,27 @@ def main(argv: list[str] | None = None) -> None:
     ckpt_every = max(1, round(rate * args.eval_every_seconds / 2))  # thin_checkpoints keeps about 1 in 2
     print(f"train.py runs {rate:.2f} steps/s here: a checkpoint every {ckpt_every} steps", flush=True)
     launch, stop = train_for(data_dir, results_dir, args.minutes * 60, ckpt_every, args.eval_every_seconds)
-    rows, reference, images = score_checkpoints(checkpoints_of(results_dir), launch, args.samples_per_class)
+    write_report(args.out_dir, results_dir, launch, stop, rate, args.samples_per_class)
 
+
+def write_report(out_dir: str, results_dir: str, launch: float, stop: float, rate: float, per_class: int) -> None:
+    """Score the checkpoints in results_dir and write the json, table, plot and sample grid."""
+    rows, reference, images = score_checkpoints(checkpoints_of(results_dir), launch, per_class)
     info = hardware(torch.device("cpu"))
     machine = hardware_line(info)
     report = dict(
         machine=info, machine_line=machine, recipe=TRAIN_FLAGS, sampler=SAMPLER, sampling_steps=SAMPLING_STEPS,
-        cfg_scale=CFG_SCALE, samples_per_class=args.samples_per_class, reference_accuracy=reference,
+        cfg_scale=CFG_SCALE, samples_per_class=per_class, reference_accuracy=reference,
         steps_per_sec=rate, training_seconds=stop - launch, rows=rows, seconds_to_90_percent=time_to(rows, 0.9),
     )
-    with open(os.path.join(args.out_dir, "quickstart.json"), "w") as f:
+    with open(os.path.join(out_dir, "quickstart.json"), "w") as f:
         json.dump(report, f, indent=2)
-    write_table(rows, machine, reference, os.path.join(args.out_dir, "quickstart.md"))
-    plot_series([r["seconds"] for r in rows], [r["relative"] for r in rows], os.path.join(args.out_dir, "quickstart.png"),
+    write_table(rows, machine, reference, os.path.join(out_dir, "quickstart.md"))
+    plot_series([r["seconds"] for r in rows], [r["relative"] for r in rows], os.path.join(out_dir, "quickstart.png"),
                 f"{MODEL} on 8x8 digits: samples recognised, relative to real digits", "training seconds", "score")
-    save_class_rows(images, args.samples_per_class, os.path.join(args.out_dir, "samples.png"))
-    print(open(os.path.join(args.out_dir, "quickstart.md")).read())
+    save_class_rows(images, per_class, os.path.join(out_dir, "samples.png"))
+    with open(os.path.join(out_dir, "quickstart.md")) as f:
+        print(f.read())
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 accuracy, noise scores near chance) and the table, plot and grid writers."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -66,3 +68,18 @@ def test_digit_grid_has_one_upscaled_row_per_class(tmp_path) -> None:
     grid = np.asarray(Image.open(path))
     assert grid.shape == (320, 320)
     assert (grid[32:64] == 255).all() and (grid[:32] == 0).all() and (grid[64:] == 0).all()
+
+
+def test_checkpoints_are_thinned_to_one_per_interval(tmp_path) -> None:
+    folder = tmp_path / "000-DiT-S-4" / "checkpoints"
+    folder.mkdir(parents=True)
+    start = 1_000_000.0
+    for step, seconds in [(10, 20), (20, 40), (30, 65), (40, 90), (50, 130)]:
+        path = folder / f"{step:07d}.pt"
+        path.write_bytes(b"")
+        os.utime(path, (start + seconds, start + seconds))
+    (folder / ".tmp-abc.pt").write_bytes(b"")  # a checkpoint being written
+    kept: list[str] = []
+    quickstart.thin_checkpoints(str(tmp_path), kept, start, keep_every=60)
+    assert [os.path.basename(p) for p in kept] == ["0000030.pt", "0000050.pt"]
+    assert sorted(os.listdir(folder)) == [".tmp-abc.pt", "0000030.pt", "0000050.pt"]
