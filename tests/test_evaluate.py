@@ -281,7 +281,7 @@ def test_reads_the_npz_that_sample_ddp_streams(tmp_path):
     folder.mkdir()
     for index, image in enumerate(images):
         Image.fromarray(image).save(sample_ddp.png_path(str(folder), index))
-    path = sample_ddp.write_npz(str(folder), 5, 8)
+    path = sample_ddp.write_npz(str(folder), 5, 8, np.arange(5) % 3)
     assert evaluate.is_image_batch(path) and evaluate.num_images(path) == 5
     np.testing.assert_array_equal(np.concatenate(list(evaluate.image_batches(path, 2))), images)
 
