@@ -20,7 +20,7 @@ import torch
 
 import train
 from conftest import REPO
-from test_features import store32  # noqa: F401  (a float32 feature store of the 24 test images)
+from test_extract_features import store32  # noqa: F401  (a float32 feature store of the 24 test images)
 from test_robust import make_read_only, tmpfs
 from test_train import TINY, assert_state_dicts_equal, read_metrics, run_script, train_args
 
