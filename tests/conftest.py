@@ -1,7 +1,11 @@
 """Shared fixtures: reference vectors and tiny stand-ins (VAE, image folder) built offline."""
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 # Tests never touch the network.
@@ -153,3 +157,51 @@ def tiny_dit_ckpts(tmp_path_factory) -> dict:
     torch.save({"model": model, "ema": ema, "args": {"model": "DiT-S/8", "image_size": 64}}, training)
     torch.save(ema, bare)
     return {"training": training, "bare": bare, "model": "DiT-S/8", "image_size": 64, "num_classes": 10}
+
+
+TINY = ["--model", "DiT-S/8", "--image-size", "64", "--num-classes", "3", "--global-batch-size", "8", "--num-workers", "0"]
+
+
+def train_args(data: Path, vae: Path, results: Path, *extra: str) -> list[str]:
+    return ["--data-path", str(data), "--vae-path", str(vae), "--results-dir", str(results), *TINY, *extra]
+
+
+def run_script(args: list[str], nproc: int = 1) -> subprocess.CompletedProcess:
+    """Run a script from the repo root as `python` (nproc 1) or under torchrun (gloo, nproc processes)."""
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))  # a test file run as a worker imports the repo's modules
+    if nproc > 1:
+        env["OMP_NUM_THREADS"] = "1"  # two processes share the cores
+    result = subprocess.run(launcher + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"{args[0]} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+def read_metrics(experiment: Path) -> list[dict]:
+    return [json.loads(line) for line in (experiment / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_state_dicts_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@contextmanager
+def tmpfs(path: Path, size: str):
+    """A tmpfs of `size` mounted at `path`, or a skip where mounting is not allowed (not root)."""
+    path.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True).returncode:
+        pytest.skip("mounting a small tmpfs needs root; the monkeypatched tests cover the same errors")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def make_read_only(path: Path) -> None:
+    """Remount the tmpfs at `path` read-only (root), or take away the write bit (anyone else)."""
+    if os.geteuid() == 0:
+        subprocess.run(["mount", "-o", "remount,ro", str(path)], check=True)
+    else:
+        path.chmod(0o555)

@@ -17,7 +17,7 @@ import train
 from util.training import latents_from_features, latents_from_images
 from conftest import make_image_folder
 from util.data import FeatureDataset, ImageDataset, feature_bytes_per_image, open_feature_arrays
-from test_train import TINY, read_metrics, run_script
+from conftest import TINY, read_metrics, run_script
 from test_vae import make_other_vae
 from util.vae import LATENT_SCALE, Autoencoder, load_vae
 

@@ -7,7 +7,7 @@ import torch
 
 import train
 from conftest import make_tiny_dit
-from test_train import train_args
+from conftest import train_args
 
 TABLE = "y_embedder.embedding_table.weight"
 

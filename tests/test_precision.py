@@ -11,7 +11,7 @@ import train
 from util.training import build_optimizer, training_step
 from diffusion import create_diffusion
 from models import DiT_models
-from test_train import assert_state_dicts_equal, read_metrics, run_script, train_args
+from conftest import assert_state_dicts_equal, read_metrics, run_script, train_args
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
 

@@ -10,7 +10,7 @@ import torch
 from util import data
 import train
 from util.resume import seed_for_step
-from test_train import read_metrics, run_script, train_args
+from conftest import read_metrics, run_script, train_args
 
 
 def record_items(monkeypatch) -> list[tuple[int, int]]:

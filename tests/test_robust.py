@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ from util import checkpoints as checkpoint
 from util.files import WriteError, append_record, create_run_dir, output_folder_problem, trim_metrics
 from util.checkpoints import load_checkpoint, remove_stale_temporaries, save_checkpoint
 from util.resume import checkpoints_newest_first, load_newest_good_checkpoint
-from conftest import REPO
+from conftest import REPO, make_read_only, tmpfs
 from util.stop_signals import StopRequest, exit_code
 
 # ----------------------------------------------------------------------------------------
@@ -28,24 +27,8 @@ from util.stop_signals import StopRequest, exit_code
 # ----------------------------------------------------------------------------------------
 
 
-@contextmanager
-def tmpfs(path: Path, size: str):
-    """A tmpfs of `size` mounted at `path`, or a skip where mounting is not allowed (not root)."""
-    path.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True).returncode:
-        pytest.skip("mounting a small tmpfs needs root; the monkeypatched tests cover the same errors")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=True)
 
 
-def make_read_only(path: Path) -> None:
-    """Remount the tmpfs at `path` read-only (root), or take away the write bit (anyone else)."""
-    if os.geteuid() == 0:
-        subprocess.run(["mount", "-o", "remount,ro", str(path)], check=True)
-    else:
-        path.chmod(0o555)
 
 
 # ----------------------------------------------------------------------------------------

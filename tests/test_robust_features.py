@@ -12,7 +12,7 @@ import pytest
 
 import extract_features
 from util.data import create_feature_store, feature_bytes_per_image, open_feature_arrays
-from test_robust import make_read_only, tmpfs
+from conftest import make_read_only, tmpfs
 
 NEEDED_F16 = 24 * feature_bytes_per_image(8, "float16")  # the 24 test images at 64 px
 NEEDED_F32 = 24 * feature_bytes_per_image(8, "float32")

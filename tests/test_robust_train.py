@@ -21,8 +21,8 @@ import torch
 import train
 from conftest import REPO
 from test_extract_features import store32  # noqa: F401  (a float32 feature store of the 24 test images)
-from test_robust import make_read_only, tmpfs
-from test_train import TINY, assert_state_dicts_equal, read_metrics, run_script, train_args
+from conftest import make_read_only, tmpfs
+from conftest import TINY, assert_state_dicts_equal, read_metrics, run_script, train_args
 
 
 def start_torchrun(args: list[str], nproc: int = 2) -> subprocess.Popen:

@@ -6,10 +6,7 @@ tiny VAE; 24 images with a global batch of 8 make 3 steps per epoch.
 from __future__ import annotations
 
 import copy
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,36 +16,18 @@ from PIL import Image
 import train
 from util.sample_grids import SAMPLE_COUNT, sample_images
 from util.training import build_optimizer, training_step, update_ema
-from conftest import REPO, make_image_folder
+from conftest import make_image_folder, TINY, assert_state_dicts_equal, read_metrics, run_script, train_args
 from diffusion import create_diffusion
 from models import DiT_models
 
-TINY = ["--model", "DiT-S/8", "--image-size", "64", "--num-classes", "3", "--global-batch-size", "8", "--num-workers", "0"]
 
 
-def train_args(data: Path, vae: Path, results: Path, *extra: str) -> list[str]:
-    return ["--data-path", str(data), "--vae-path", str(vae), "--results-dir", str(results), *TINY, *extra]
 
 
-def run_script(args: list[str], nproc: int = 1) -> subprocess.CompletedProcess:
-    """Run a script from the repo root as `python` (nproc 1) or under torchrun (gloo, nproc processes)."""
-    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    if nproc > 1:
-        env["OMP_NUM_THREADS"] = "1"  # two processes share the cores
-    result = subprocess.run(launcher + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, f"{args[0]} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result
 
 
-def read_metrics(experiment: Path) -> list[dict]:
-    return [json.loads(line) for line in (experiment / "metrics.jsonl").read_text().splitlines()]
 
 
-def assert_state_dicts_equal(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
 
 
 @pytest.fixture(scope="module")

@@ -6,20 +6,15 @@ Run as a script under torchrun, this file is the worker of the two-process test.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
-
-if __name__ == "__main__":  # the torchrun worker: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import pytest
 import torch
 
 import train
 from util.training import accumulated_step, build_optimizer
-from conftest import randomize_
+from conftest import randomize_, read_metrics, run_script, train_args
 from diffusion import create_diffusion
 from models import DiT_models
-from test_train import read_metrics, run_script, train_args
 
 GLOBAL_BATCH = 8
 

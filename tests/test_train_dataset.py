@@ -9,7 +9,7 @@ from PIL import Image
 
 import train
 from models import DiT_models
-from test_train import read_metrics
+from conftest import read_metrics
 
 
 def mixed_folder(root) -> str:

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 import train
-from test_train import read_metrics, train_args
+from conftest import read_metrics, train_args
 
 
 def test_tensorboard_events_hold_the_metrics_and_the_grids(tmp_path, image_folder, tiny_vae_dir):
