@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -16,6 +17,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+import train
 
 DATA = Path(__file__).parent / "data"
 REPO = Path(__file__).parent.parent
@@ -205,3 +208,44 @@ def make_read_only(path: Path) -> None:
         subprocess.run(["mount", "-o", "remount,ro", str(path)], check=True)
     else:
         path.chmod(0o555)
+
+
+def start_torchrun(args: list[str], nproc: int = 2) -> subprocess.Popen:
+    """train.py under torchrun in a session of its own, like a scheduler's job."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py", *args]
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def wait_for_step(experiment: Path, step: int, process: subprocess.Popen, timeout: float = 240) -> None:
+    metrics = experiment / "metrics.jsonl"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert process.poll() is None, f"the run ended early:\n{process.stdout.read()[-3000:]}"
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= step:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no step {step} within {timeout} s")
+
+
+def worker_pid(torchrun_pid: int, rank: int) -> int:
+    """The pid of the train.py process of `rank` that torchrun started."""
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                status = Path(f"/proc/{pid}/status").read_text()
+            except OSError:
+                continue
+            parent = int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
+            if parent == torchrun_pid and f"RANK={rank}".encode() in environ:
+                return int(pid)
+    raise AssertionError(f"no rank {rank} under torchrun {torchrun_pid}")
+
+
+@pytest.fixture(scope="session")
+def three_checkpoints(tmp_path_factory, image_folder, tiny_vae_dir) -> Path:
+    """A run with checkpoints at steps 2, 4 and 6 (one process)."""
+    results = tmp_path_factory.mktemp("three")
+    train.main(train_args(image_folder, tiny_vae_dir, results, "--max-steps", "6", "--log-every", "1", "--ckpt-every", "2"))
+    return results

@@ -7,10 +7,16 @@ from __future__ import annotations
 
 import torch
 
-from util import data
+from util import data, checkpoints as checkpoint
 import train
-from util.resume import seed_for_step
-from conftest import read_metrics, run_script, train_args
+from util.resume import seed_for_step, checkpoints_newest_first, load_newest_good_checkpoint
+from conftest import read_metrics, run_script, train_args, assert_state_dicts_equal, start_torchrun, wait_for_step
+import os
+from pathlib import Path
+import pytest
+from util.checkpoints import save_checkpoint
+import shutil
+import signal
 
 
 def record_items(monkeypatch) -> list[tuple[int, int]]:
@@ -70,3 +76,151 @@ def test_new_random_draws_depend_on_seed_step_and_rank_alone():
     assert seed == seed_for_step(0, 10, 1) and 0 <= seed < 2**64
     others = {seed_for_step(*key) for key in [(1, 10, 1), (0, 11, 1), (0, 10, 0)]}
     assert seed not in others and len(others) == 3
+
+
+def test_checkpoints_are_listed_newest_run_and_step_first(tmp_path):
+    for run, steps in {"000-DiT-S-8": [5, 10], "002-DiT-S-8": [3], "010-DiT-S-8": [], "011-DiT-B-4": [50]}.items():
+        (tmp_path / run / "checkpoints").mkdir(parents=True)
+        for step in steps:
+            (tmp_path / run / "checkpoints" / f"{step:07d}.pt").write_bytes(b"")
+    (tmp_path / "002-DiT-S-8" / "checkpoints" / ".tmp-abc.pt").write_bytes(b"")
+    (tmp_path / "002-DiT-S-8" / "checkpoints" / "0000004.pt.bak").write_bytes(b"")
+    names = [os.path.relpath(p, tmp_path) for p in checkpoints_newest_first(str(tmp_path), "DiT-S-8")]
+    assert names == ["002-DiT-S-8/checkpoints/0000003.pt", "000-DiT-S-8/checkpoints/0000010.pt", "000-DiT-S-8/checkpoints/0000005.pt"]
+    assert checkpoints_newest_first(str(tmp_path / "missing"), "DiT-S-8") == []
+
+
+def test_a_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    paths = [str(tmp_path / f"{step:07d}.pt") for step in (30, 20, 10)]  # newest first
+    for step, path in zip((30, 20, 10), paths):
+        save_checkpoint({"step": step}, path)
+    data = Path(paths[0]).read_bytes()
+    Path(paths[0]).write_bytes(data[: len(data) // 2])
+    warnings: list[str] = []
+    path, loaded = load_newest_good_checkpoint(paths, warnings.append)
+    assert (path, loaded["step"]) == (paths[1], 20)
+    assert len(warnings) == 1 and "\n" not in warnings[0]
+    assert warnings[0].startswith(f"skipping checkpoint {paths[0]}: it does not load (") and warnings[0].endswith("so it can be deleted")
+
+
+def test_when_no_checkpoint_loads_one_sentence_says_so(tmp_path):
+    paths = [str(tmp_path / "0000020.pt"), str(tmp_path / "0000010.pt")]
+    for path in paths:
+        Path(path).write_bytes(b"garbage")
+    warnings: list[str] = []
+    with pytest.raises(ValueError, match=r"none of the 2 checkpoints loads \(the newest is .*0000020.pt\); delete them, or use a checkpoint to resume from instead"):
+        load_newest_good_checkpoint(paths, warnings.append)
+    assert len(warnings) == 2
+    assert load_newest_good_checkpoint([], warnings.append) is None
+
+
+def assert_same_training_state(a: Path, b: Path) -> None:
+    ours, reference = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
+    assert_state_dicts_equal(ours["model"], reference["model"])
+    assert_state_dicts_equal(ours["ema"], reference["ema"])
+    for x, y in zip(ours["opt"]["state"].values(), reference["opt"]["state"].values()):
+        assert_state_dicts_equal(x, y)
+    for x, y in zip(ours["rng"], reference["rng"]):
+        assert torch.equal(x["cpu"], y["cpu"])
+
+
+def test_sigterm_to_a_torchrun_job_saves_and_resume_auto_continues_bitwise(tmp_path, image_folder, tiny_vae_dir):
+    args = train_args(image_folder, tiny_vae_dir, tmp_path / "stopped", "--log-every", "1", "--num-workers", "1", "--resume", "auto")
+    job = start_torchrun([*args, "--max-steps", "100000"])
+    experiment = tmp_path / "stopped" / "000-DiT-S-8"
+    wait_for_step(experiment, 2, job)
+    os.killpg(job.pid, signal.SIGTERM)  # as a scheduler does: torchrun, the ranks and their loader workers
+    output = job.communicate(timeout=120)[0]
+    assert job.returncode != 0, output[-3000:]
+    (checkpoint,) = os.listdir(experiment / "checkpoints")
+    stopped_at = int(checkpoint.split(".")[0])
+    log = (experiment / "log.txt").read_text()
+    assert f"stopped by SIGTERM after step {stopped_at}: saved checkpoint {experiment}/checkpoints/{checkpoint}; continue with --resume auto" in log
+    assert [m["step"] for m in read_metrics(experiment)] == list(range(1, stopped_at + 1))
+
+    total = stopped_at + 2
+    run_script(["train.py", *args, "--max-steps", str(total)], nproc=2)
+    reference = tmp_path / "reference"
+    run_script(["train.py", *train_args(image_folder, tiny_vae_dir, reference, "--log-every", "1", "--max-steps", str(total))], nproc=2)
+    assert os.listdir(tmp_path / "stopped") == ["000-DiT-S-8"]
+    assert_same_training_state(experiment / "checkpoints" / f"{total:07d}.pt", reference / "000-DiT-S-8" / "checkpoints" / f"{total:07d}.pt")
+    # One record per step, and the same losses as the uninterrupted run.
+    assert [m["loss"] for m in read_metrics(experiment)] == [m["loss"] for m in read_metrics(reference / "000-DiT-S-8")]
+
+
+def test_resume_auto_skips_a_truncated_newest_checkpoint_and_cleans_up(tmp_path, three_checkpoints, image_folder, tiny_vae_dir, caplog):
+    results = tmp_path / "results"
+    shutil.copytree(three_checkpoints, results)
+    experiment = results / "000-DiT-S-8"
+    newest = experiment / "checkpoints" / "0000006.pt"
+    newest.write_bytes(newest.read_bytes()[:5000])  # killed mid-copy, or a disk error
+    (experiment / "checkpoints" / ".tmp-k1ll3d.pt").write_bytes(b"x" * 1000)  # a write a kill interrupted
+    train.main(train_args(image_folder, tiny_vae_dir, results, "--max-steps", "6", "--log-every", "1", "--resume", "auto"))
+
+    log = (experiment / "log.txt").read_text()
+    assert f"skipping checkpoint {newest}: it does not load (" in log and "so it can be deleted" in log
+    assert f"resuming from {experiment}/checkpoints/0000004.pt at step 4" in log
+    assert f"removed 1 stale temporary checkpoint file(s): {experiment}/checkpoints/.tmp-k1ll3d.pt" in log
+    assert sorted(os.listdir(experiment / "checkpoints")) == ["0000002.pt", "0000004.pt", "0000006.pt"]
+    assert [m["step"] for m in read_metrics(experiment)] == [1, 2, 3, 4, 5, 6]  # no step twice
+    assert_same_training_state(newest, three_checkpoints / "000-DiT-S-8" / "checkpoints" / "0000006.pt")
+
+
+def test_resume_auto_with_no_loadable_checkpoint_is_one_sentence(tmp_path, image_folder, tiny_vae_dir):
+    (tmp_path / "000-DiT-S-8" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "000-DiT-S-8" / "checkpoints" / "0000002.pt").write_bytes(b"garbage")
+    with pytest.raises(SystemExit, match=r"^none of the 1 checkpoints loads \(the newest is .*0000002.pt\); delete them, or pass --resume PATH to a checkpoint to resume from$"):
+        train.main(train_args(image_folder, tiny_vae_dir, tmp_path, "--resume", "auto"))
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"--ema-decay": "0.999"}, r"--ema-decay 0.9999 \(now 0.999\)"),
+        ({"--data-path": "OTHER"}, r"--data-path .*images.* \(now .*other_images\)"),
+    ],
+)
+def test_resume_with_other_data_or_ema_decay_is_refused(tmp_path, three_checkpoints, image_folder, tiny_vae_dir, change, message):
+    from conftest import make_image_folder
+
+    other = make_image_folder(tmp_path / "other_images", seed=1)
+    args = train_args(image_folder, tiny_vae_dir, three_checkpoints, "--resume", "auto", "--max-steps", "7")
+    for flag, value in change.items():
+        args += [flag, str(other) if value == "OTHER" else value]  # the last occurrence wins
+    with pytest.raises(SystemExit, match=rf"^cannot resume from .*0000006.pt: it was trained with {message}; resume with the same settings"):
+        train.main(args)
+
+
+def test_resume_with_another_lr_continues_and_says_so(tmp_path, three_checkpoints, image_folder, tiny_vae_dir):
+    results = tmp_path / "results"
+    shutil.copytree(three_checkpoints, results)
+    train.main(train_args(image_folder, tiny_vae_dir, results, "--resume", "auto", "--max-steps", "7", "--log-every", "1", "--lr", "5e-5"))
+    experiment = results / "000-DiT-S-8"
+    assert "--lr changed from 0.0001 (the checkpoint's) to 5e-05: continuing with 5e-05" in (experiment / "log.txt").read_text()
+    assert read_metrics(experiment)[-1]["lr"] == 5e-5 and read_metrics(experiment)[-1]["step"] == 7
+
+
+def test_a_full_disk_at_a_metrics_line_stops_and_resume_finishes(tmp_path, image_folder, tiny_vae_dir, monkeypatch):
+    import builtins
+    import errno
+
+    from util import files as checkpoint
+
+    appends = []
+
+    def open_that_fills_up(path, mode="r", *args, **kwargs):
+        if str(path).endswith("metrics.jsonl") and mode == "a":
+            appends.append(path)
+            if len(appends) == 2:  # the record of step 2
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return builtins.open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "open", open_that_fills_up, raising=False)
+    args = train_args(image_folder, tiny_vae_dir, tmp_path, "--max-steps", "3", "--log-every", "1", "--ckpt-every", "1", "--resume", "auto")
+    with pytest.raises(SystemExit, match=r"^cannot append to .*metrics.jsonl: the disk is full \(No space left on device\); free some space and run again$"):
+        train.main(args)
+    experiment = tmp_path / "000-DiT-S-8"
+    assert os.listdir(experiment / "checkpoints") == ["0000001.pt"]  # stopped at once, not after more steps
+    monkeypatch.undo()  # space freed
+    train.main(args)
+    assert [m["step"] for m in read_metrics(experiment)] == [1, 2, 3]

@@ -16,18 +16,13 @@ from PIL import Image
 import train
 from util.sample_grids import SAMPLE_COUNT, sample_images
 from util.training import build_optimizer, training_step, update_ema
-from conftest import make_image_folder, TINY, assert_state_dicts_equal, read_metrics, run_script, train_args
+from conftest import make_image_folder, TINY, assert_state_dicts_equal, read_metrics, run_script, train_args, make_read_only, tmpfs, start_torchrun, wait_for_step, worker_pid
 from diffusion import create_diffusion
 from models import DiT_models
-
-
-
-
-
-
-
-
-
+import json
+import re
+import signal
+from test_extract_features import store32
 
 
 @pytest.fixture(scope="module")
@@ -273,3 +268,122 @@ def test_pixel_space_run_resumes_bitwise(tmp_path, image_folder, one_thread):
     assert_state_dicts_equal(ours["model"], reference["model"])
     assert_state_dicts_equal(ours["ema"], reference["ema"])
     assert [m["loss"] for m in read_metrics(parts)] == [m["loss"] for m in read_metrics(whole)]
+
+
+def test_sigusr1_to_one_rank_stops_every_rank_at_the_same_step(tmp_path, image_folder, tiny_vae_dir):
+    args = train_args(image_folder, tiny_vae_dir, tmp_path, "--log-every", "1", "--max-steps", "100000")
+    job = start_torchrun(args)
+    experiment = tmp_path / "000-DiT-S-8"
+    wait_for_step(experiment, 1, job)
+    os.kill(worker_pid(job.pid, rank=1), signal.SIGUSR1)  # SLURM's --signal=USR1@N; here only rank 1 gets it
+    output = job.communicate(timeout=120)[0]
+    (checkpoint,) = os.listdir(experiment / "checkpoints")
+    assert torch.load(experiment / "checkpoints" / checkpoint, weights_only=True)["world_size"] == 2
+    assert f"stopped by SIGUSR1 after step {int(checkpoint.split('.')[0])}" in (experiment / "log.txt").read_text(), output[-3000:]
+    assert job.returncode != 0 and re.search(r"exitcode\s*:\s*138", output)  # 128 + SIGUSR1, as an uncaught one gives
+
+
+def test_a_new_run_never_reuses_a_folder(tmp_path, image_folder, tiny_vae_dir):
+    (tmp_path / "001-DiT-S-8").mkdir()  # 000 was deleted; 001 holds another run
+    (tmp_path / "001-DiT-S-8" / "log.txt").write_text("another run\n")
+    train.main(train_args(image_folder, tiny_vae_dir, tmp_path, "--max-steps", "1"))
+    assert sorted(os.listdir(tmp_path)) == ["001-DiT-S-8", "002-DiT-S-8"]
+    assert (tmp_path / "001-DiT-S-8" / "log.txt").read_text() == "another run\n"
+
+
+def test_checkpoints_are_group_readable(three_checkpoints):
+    from util.files import current_umask
+
+    paths = list((three_checkpoints / "000-DiT-S-8" / "checkpoints").iterdir())
+    assert len(paths) == 3 and all(path.stat().st_mode & 0o777 == 0o666 & ~current_umask() for path in paths)
+    assert current_umask() != 0o022 or all(path.stat().st_mode & 0o777 == 0o644 for path in paths)
+
+
+def test_a_read_only_results_folder_is_one_sentence_before_any_work(tmp_path, image_folder, tiny_vae_dir):
+    with tmpfs(tmp_path / "fs", "1m") as fs:
+        make_read_only(fs)
+        with pytest.raises(SystemExit, match=rf"^--results-dir {fs}/results is not writable \({fs} is read-only or lacks write permission\)$"):
+            train.main(train_args(image_folder, tiny_vae_dir, fs / "results"))
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_sentence_and_keeps_the_previous_one(tmp_path, image_folder, tiny_vae_dir, monkeypatch):
+    from util import checkpoints as checkpoint
+
+    real_save = torch.save
+    calls = []
+
+    def save_then_fill_up(obj, f):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+        real_save(obj, f)
+
+    monkeypatch.setattr(checkpoint.torch, "save", save_then_fill_up)
+    with pytest.raises(SystemExit, match=r"^cannot write checkpoint .*0000002.pt: the disk is full \(torch.save could not write all bytes\); free some space and run again$"):
+        train.main(train_args(image_folder, tiny_vae_dir, tmp_path, "--max-steps", "3", "--ckpt-every", "1"))
+    assert os.listdir(tmp_path / "000-DiT-S-8" / "checkpoints") == ["0000001.pt"]
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"--sample-steps": "2000"}, r"--sample-steps must be between 1 and 1000 \(the diffusion's steps\), not 2000"),
+        ({"--sample-steps": "0"}, r"--sample-steps must be between 1 and 1000 \(the diffusion's steps\), not 0"),
+        ({"--global-batch-size": "0"}, r"--global-batch-size must be at least 1, not 0"),
+        ({"--lr": "-1"}, r"--lr must be a finite number of 0 or more, not -1.0"),
+        ({"--lr": "nan"}, r"--lr must be a finite number of 0 or more, not nan"),
+        ({"--ema-decay": "2"}, r"--ema-decay must be between 0 and 1, not 2.0"),
+        ({"--ema-decay": "nan"}, r"--ema-decay must be between 0 and 1, not nan"),
+        ({"--max-steps": "-1"}, r"--max-steps must be 0 or more, not -1"),
+        ({"--epochs": "0"}, r"--epochs must be at least 1, not 0"),
+        ({"--num-workers": "-2"}, r"--num-workers must be 0 or more, not -2"),
+        ({"--sample-every": "-5"}, r"--sample-every must be 0 \(never\) or more, not -5"),
+        ({"--num-classes": "0"}, r"--num-classes must be at least 1, not 0"),
+        ({"--results-dir": "FILE"}, r"--results-dir .*a_file is a file, not a folder"),
+        ({"--feature-path": "FILE", "--data-path": None}, r"--feature-path .*a_file is a file, not a folder"),
+        ({"--feature-path": "DIR"}, r"pass either --data-path \(images\) or --feature-path \(features made by extract_features.py\), not both"),
+    ],
+)
+def test_bad_flags_are_one_sentence_before_any_folder_or_work(tmp_path, image_folder, tiny_vae_dir, monkeypatch, change, message):
+    (tmp_path / "a_file").write_text("")
+    args = dict(zip(*[iter(train_args(image_folder, tiny_vae_dir, tmp_path / "results"))] * 2))
+    for flag, value in change.items():
+        args[flag] = {"FILE": str(tmp_path / "a_file"), "DIR": str(tmp_path)}.get(value, value)
+    argv = [item for flag, value in args.items() if value is not None for item in (flag, value)]
+
+    def no_work(*a, **k):
+        raise AssertionError("work started before the flags were checked")
+
+    monkeypatch.setattr(train, "open_dataset", no_work)
+    with pytest.raises(SystemExit, match=rf"^{message}$"):
+        train.main(argv)
+    assert not (tmp_path / "results").exists()
+
+
+def test_training_from_features_without_sample_grids_loads_no_vae(tmp_path, store32, monkeypatch):
+    def no_vae(*a, **k):
+        raise AssertionError("the VAE was loaded")
+
+    monkeypatch.setattr(train, "load_autoencoder", no_vae)
+    # The hub VAE named by default is never fetched (offline, this took 28.8 s of retries before failing).
+    train.main(["--feature-path", str(store32), "--results-dir", str(tmp_path), *TINY, "--max-steps", "1"])
+    log = (tmp_path / "000-DiT-S-8" / "log.txt").read_text()
+    assert "no VAE loaded: training from features" in log
+    meta = json.loads((store32 / "meta.json").read_text())
+    assert meta["vae"] in log
+
+
+def test_one_sampling_step_is_allowed_for_the_sample_grids(tmp_path, image_folder, tiny_vae_dir):
+    # 1 is inside the checked range 1..1000 and gives a grid (it used to crash at the first grid).
+    train.main(train_args(image_folder, tiny_vae_dir, tmp_path, "--max-steps", "1", "--sample-every", "1", "--sample-steps", "1"))
+    assert os.listdir(tmp_path / "000-DiT-S-8" / "samples") == ["0000001.png"]
+
+
+def test_a_really_full_disk_at_the_first_checkpoint_is_one_sentence(tmp_path, image_folder, tiny_vae_dir):
+    # Results on a 1 MB tmpfs: the log and metrics fit, a DiT-S/8 checkpoint (~0.5 GB) does not.
+    with tmpfs(tmp_path / "fs", "1m") as fs:
+        with pytest.raises(SystemExit, match=rf"^cannot write checkpoint {fs}/000-DiT-S-8/checkpoints/0000002.pt: the disk is full \(.+\); free some space and run again$"):
+            train.main(train_args(image_folder, tiny_vae_dir, fs, "--max-steps", "2", "--log-every", "1"))
+        assert os.listdir(fs / "000-DiT-S-8" / "checkpoints") == []  # no temporary left behind
+        assert [m["step"] for m in read_metrics(fs / "000-DiT-S-8")] == [1, 2]
+        assert "the disk is full" in (fs / "000-DiT-S-8" / "log.txt").read_text()
