@@ -10,13 +10,14 @@ import torch
 from util import data, checkpoints as checkpoint
 import train
 from util.resume import seed_for_step, checkpoints_newest_first, load_newest_good_checkpoint
-from conftest import read_metrics, run_script, train_args, assert_state_dicts_equal, start_torchrun, wait_for_step
+from conftest import read_metrics, run_script, train_args, assert_state_dicts_equal, start_torchrun, wait_for_step, make_image_folder, TINY
 import os
 from pathlib import Path
 import pytest
 from util.checkpoints import save_checkpoint
 import shutil
 import signal
+from PIL import Image
 
 
 def record_items(monkeypatch) -> list[tuple[int, int]]:
@@ -224,3 +225,25 @@ def test_a_full_disk_at_a_metrics_line_stops_and_resume_finishes(tmp_path, image
     monkeypatch.undo()  # space freed
     train.main(args)
     assert [m["step"] for m in read_metrics(experiment)] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_pixel_space_run_resumes_bitwise(tmp_path, image_folder, one_thread):
+    def pixel_args(results: Path, *extra: str) -> list[str]:
+        args = ["--data-path", str(image_folder), "--results-dir", str(results), *TINY, "--vae", "none", "--log-every", "1"]
+        args[args.index("--image-size") + 1] = "32"  # 32x32 pixels: 4x4 tokens of 8x8 patches
+        return [*args, *extra]
+
+    train.main(pixel_args(tmp_path / "whole", "--max-steps", "4", "--sample-every", "4", "--sample-steps", "2"))
+    whole = tmp_path / "whole" / "000-DiT-S-8"
+    reference = torch.load(whole / "checkpoints" / "0000004.pt", weights_only=True)
+    assert reference["model"]["x_embedder.proj.weight"].shape == (384, 3, 8, 8) and reference["args"]["vae"] == "none"
+    assert Image.open(whole / "samples" / "0000004.png").size == (4 * 32 + 5 * 2, 2 * 32 + 3 * 2)
+
+    train.main(pixel_args(tmp_path / "parts", "--max-steps", "3"))  # stops inside epoch 1
+    train.main(pixel_args(tmp_path / "parts", "--max-steps", "4", "--resume", "auto"))
+    parts = tmp_path / "parts" / "000-DiT-S-8"
+    ours = torch.load(parts / "checkpoints" / "0000004.pt", weights_only=True)
+    assert_state_dicts_equal(ours["model"], reference["model"])
+    assert_state_dicts_equal(ours["ema"], reference["ema"])
+    assert [m["loss"] for m in read_metrics(parts)] == [m["loss"] for m in read_metrics(whole)]

@@ -5,7 +5,6 @@ tiny VAE; 24 images with a global batch of 8 make 3 steps per epoch.
 """
 from __future__ import annotations
 
-import copy
 import os
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from PIL import Image
 
 import train
 from util.sample_grids import SAMPLE_COUNT, sample_images
-from util.training import build_optimizer, training_step, update_ema
+from util.training import build_optimizer, training_step
 from conftest import make_image_folder, TINY, assert_state_dicts_equal, read_metrics, run_script, train_args, make_read_only, tmpfs, start_torchrun, wait_for_step, worker_pid
 from diffusion import create_diffusion
 from models import DiT_models
@@ -23,6 +22,9 @@ import json
 import re
 import signal
 from test_extract_features import store32
+import numpy as np
+import io
+import sys
 
 
 @pytest.fixture(scope="module")
@@ -125,19 +127,6 @@ def test_bf16_and_grad_checkpointing_match_fp32():
     fp32 = first_losses()
     assert first_losses(grad_checkpointing=True) == pytest.approx(fp32, rel=1e-5)
     assert first_losses("bf16") == pytest.approx(fp32, rel=2e-2)
-
-
-def test_update_ema_is_the_reference_formula():
-    torch.manual_seed(0)
-    model = DiT_models["DiT-S/8"](input_size=8, num_classes=3)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    for p in model.parameters():
-        p.data.add_(torch.randn_like(p))
-    expected = {name: p.clone().mul_(0.99).add_(model.state_dict()[name], alpha=0.01) for name, p in ema.named_parameters()}
-    update_ema(ema, model, 0.99)
-    assert_state_dicts_equal(dict(ema.named_parameters()), expected)
-    update_ema(ema, model, 0.0)
-    assert_state_dicts_equal(ema.state_dict(), model.state_dict())
 
 
 def test_sample_grids_use_fixed_noise_and_leave_the_training_rng_alone(tiny_vae_dir):
@@ -246,28 +235,6 @@ def test_ema_warmup_is_recorded_and_gives_a_trained_ema(tmp_path, image_folder, 
     assert ckpt["ema"][name].norm() > 0.5 * ckpt["model"][name].norm() > 0
     with pytest.raises(SystemExit, match=r"--ema-warmup True \(now False\).*--no-flip True \(now False\)"):
         train.main(train_args(image_folder, tiny_vae_dir, tmp_path, "--max-steps", "3", "--resume", "auto"))
-
-
-@pytest.mark.slow
-def test_pixel_space_run_resumes_bitwise(tmp_path, image_folder, one_thread):
-    def pixel_args(results: Path, *extra: str) -> list[str]:
-        args = ["--data-path", str(image_folder), "--results-dir", str(results), *TINY, "--vae", "none", "--log-every", "1"]
-        args[args.index("--image-size") + 1] = "32"  # 32x32 pixels: 4x4 tokens of 8x8 patches
-        return [*args, *extra]
-
-    train.main(pixel_args(tmp_path / "whole", "--max-steps", "4", "--sample-every", "4", "--sample-steps", "2"))
-    whole = tmp_path / "whole" / "000-DiT-S-8"
-    reference = torch.load(whole / "checkpoints" / "0000004.pt", weights_only=True)
-    assert reference["model"]["x_embedder.proj.weight"].shape == (384, 3, 8, 8) and reference["args"]["vae"] == "none"
-    assert Image.open(whole / "samples" / "0000004.png").size == (4 * 32 + 5 * 2, 2 * 32 + 3 * 2)
-
-    train.main(pixel_args(tmp_path / "parts", "--max-steps", "3"))  # stops inside epoch 1
-    train.main(pixel_args(tmp_path / "parts", "--max-steps", "4", "--resume", "auto"))
-    parts = tmp_path / "parts" / "000-DiT-S-8"
-    ours = torch.load(parts / "checkpoints" / "0000004.pt", weights_only=True)
-    assert_state_dicts_equal(ours["model"], reference["model"])
-    assert_state_dicts_equal(ours["ema"], reference["ema"])
-    assert [m["loss"] for m in read_metrics(parts)] == [m["loss"] for m in read_metrics(whole)]
 
 
 def test_sigusr1_to_one_rank_stops_every_rank_at_the_same_step(tmp_path, image_folder, tiny_vae_dir):
@@ -387,3 +354,108 @@ def test_a_really_full_disk_at_the_first_checkpoint_is_one_sentence(tmp_path, im
         assert os.listdir(fs / "000-DiT-S-8" / "checkpoints") == []  # no temporary left behind
         assert [m["step"] for m in read_metrics(fs / "000-DiT-S-8")] == [1, 2]
         assert "the disk is full" in (fs / "000-DiT-S-8" / "log.txt").read_text()
+
+
+def test_train_py_with_accumulation_records_the_split(tmp_path, image_folder, tiny_vae_dir):
+    args = train_args(image_folder, tiny_vae_dir, tmp_path, "--max-steps", "2", "--log-every", "1", "--grad-accum-steps", "4")
+    run_script(["train.py", *args])
+    experiment = tmp_path / "000-DiT-S-8"
+    metrics = read_metrics(experiment)
+    assert [m["step"] for m in metrics] == [1, 2]  # logs per optimizer step, not per micro-batch
+    assert all(m["images_per_sec"] == pytest.approx(8 * m["steps_per_sec"]) for m in metrics)
+    ckpt = torch.load(experiment / "checkpoints" / "0000002.pt", weights_only=True)
+    assert (ckpt["step"], ckpt["epoch_step"], ckpt["grad_accum_steps"], ckpt["micro_batch_size"]) == (2, 2, 4, 2)
+    assert "global batch 8 = 2 images x 4 micro-batches x 1 process(es)" in (experiment / "log.txt").read_text()
+
+
+def test_global_batch_must_divide_by_processes_times_accumulation(image_folder):
+    args = train.parse_args(["--data-path", str(image_folder), "--global-batch-size", "8", "--grad-accum-steps", "3"])
+    with pytest.raises(SystemExit, match=r"--global-batch-size 8 is not divisible by the world size 2 times --grad-accum-steps 3"):
+        train.validate_args(args, world_size=2)
+    args.grad_accum_steps = 0
+    with pytest.raises(SystemExit, match=r"--grad-accum-steps must be at least 1"):
+        train.validate_args(args, world_size=1)
+
+
+def mixed_folder(root) -> str:
+    """Eight images of assorted modes and shapes directly in root: no class folders."""
+    rng = np.random.default_rng(0)
+    root.mkdir()
+    for k in range(8):
+        h, w = rng.integers(50, 120, size=2)
+        channels = {0: (), 1: (3,), 2: (4,), 3: (3,)}[k % 4]
+        Image.fromarray(rng.integers(0, 256, size=(h, w, *channels), dtype=np.uint8)).save(root / f"img_{k}.png")
+    return str(root)
+
+
+def unconditional_args(data: str, vae, results, *extra: str) -> list[str]:
+    return [
+        "--data-path", data, "--vae-path", str(vae), "--results-dir", str(results), "--model", "DiT-S/8",
+        "--image-size", "64", "--num-classes", "1", "--class-dropout-prob", "0", "--global-batch-size", "4",
+        "--num-workers", "0", *extra,
+    ]
+
+
+def test_unconditional_training_on_a_folder_without_classes(tmp_path, tiny_vae_dir):
+    data = mixed_folder(tmp_path / "images")
+    train.main(unconditional_args(data, tiny_vae_dir, tmp_path / "results", "--max-steps", "2", "--log-every", "1",
+                                  "--sample-every", "2", "--sample-steps", "2"))
+    experiment = tmp_path / "results" / "000-DiT-S-8"
+    ckpt = torch.load(experiment / "checkpoints" / "0000002.pt", weights_only=True)
+    # One class and no null label: a label table of one row, and no guidance in the sample grid.
+    assert ckpt["ema"]["y_embedder.embedding_table.weight"].shape == (1, 384)
+    assert ckpt["args"]["class_dropout_prob"] == 0 and ckpt["args"]["num_classes"] == 1
+    DiT_models["DiT-S/8"](input_size=8, num_classes=1, class_dropout_prob=0).load_state_dict(ckpt["ema"])
+    assert [m["step"] for m in read_metrics(experiment)] == [1, 2]
+    assert all(0.5 < m["loss"] < 2 for m in read_metrics(experiment))
+    assert Image.open(experiment / "samples" / "0000002.png").size == (4 * 64 + 5 * 2, 2 * 64 + 3 * 2)
+
+    # The null label cannot appear on resume: one sentence.
+    resume = unconditional_args(data, tiny_vae_dir, tmp_path / "results", "--resume", str(experiment / "checkpoints" / "0000002.pt"))
+    resume[resume.index("--class-dropout-prob") + 1] = "0.1"
+    with pytest.raises(SystemExit, match=r"it was trained with no null label \(--class-dropout-prob 0.1 now\)"):
+        train.main(resume)
+
+
+@pytest.mark.parametrize(
+    "flag,value,message",
+    [("--num-classes", "0", r"--num-classes must be at least 1"), ("--class-dropout-prob", "1", r"--class-dropout-prob must lie in \[0, 1\), got 1.0")],
+)
+def test_bad_class_settings_get_one_sentence(tmp_path, tiny_vae_dir, flag, value, message):
+    args = unconditional_args(str(tmp_path), tiny_vae_dir, tmp_path / "results")
+    args[args.index(flag) + 1] = value
+    with pytest.raises(SystemExit, match=message):
+        train.main(args)
+
+
+def test_tensorboard_events_hold_the_metrics_and_the_grids(tmp_path, image_folder, tiny_vae_dir):
+    from tensorboard.backend.event_processing import event_accumulator  # in requirements-test.txt
+    train.main(train_args(image_folder, tiny_vae_dir, tmp_path, "--max-steps", "2", "--log-every", "1",
+                          "--sample-every", "2", "--sample-steps", "2", "--tensorboard"))
+    experiment = tmp_path / "000-DiT-S-8"
+    events = event_accumulator.EventAccumulator(str(experiment / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+
+    metrics = read_metrics(experiment)
+    fields = [name for name in metrics[0] if name != "step"]
+    assert sorted(events.Tags()["scalars"]) == sorted(f"train/{name}" for name in fields)
+    for name in fields:
+        scalars = events.Scalars(f"train/{name}")
+        assert [s.step for s in scalars] == [1, 2]
+        assert [s.value for s in scalars] == pytest.approx([m[name] for m in metrics], rel=1e-6)
+
+    [image] = events.Images("samples")
+    grid = Image.open(io.BytesIO(image.encoded_image_string))
+    png = Image.open(experiment / "samples" / "0000002.png")
+    assert image.step == 2 and grid.size == png.size
+    # The same pixels as the saved PNG, up to rounding to 8 bits by two routes.
+    difference = np.abs(np.asarray(grid.convert("RGB"), dtype=int) - np.asarray(png.convert("RGB"), dtype=int))
+    assert difference.max() <= 1
+
+
+def test_off_by_default_and_one_sentence_without_the_package(tmp_path, image_folder, tiny_vae_dir, monkeypatch):
+    assert train.parse_args(["--data-path", "x"]).tensorboard is False
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if not installed
+    with pytest.raises(SystemExit, match=r"^--tensorboard needs the tensorboard package, which is not installed: pip install tensorboard$"):
+        train.main(train_args(image_folder, tiny_vae_dir, tmp_path, "--max-steps", "1", "--tensorboard"))
+    assert not (tmp_path / "000-DiT-S-8").exists()
