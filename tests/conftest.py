@@ -249,3 +249,15 @@ def three_checkpoints(tmp_path_factory, image_folder, tiny_vae_dir) -> Path:
     results = tmp_path_factory.mktemp("three")
     train.main(train_args(image_folder, tiny_vae_dir, results, "--max-steps", "6", "--log-every", "1", "--ckpt-every", "2"))
     return results
+
+
+class StandIn:
+    """The reference's stand-in model: returns a fixed output and records the timesteps it saw."""
+
+    def __init__(self, output: torch.Tensor):
+        self.output = output
+        self.seen_t: list[torch.Tensor] = []
+
+    def __call__(self, x, t, **kwargs):
+        self.seen_t.append(t)
+        return self.output

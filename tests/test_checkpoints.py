@@ -2,17 +2,17 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 
 import numpy as np
 import pytest
 import torch
 
-from util.checkpoints import load_checkpoint, model_weights, save_checkpoint, remove_stale_temporaries
-import errno
-from util import checkpoints as checkpoint
-from util.files import WriteError
 from conftest import make_read_only, tmpfs
+from util import checkpoints as checkpoint
+from util.checkpoints import load_checkpoint, model_weights, remove_stale_temporaries, save_checkpoint
+from util.files import WriteError
 
 
 def test_round_trip_and_no_temp_files_left(tmp_path):

@@ -1,9 +1,11 @@
 """TODO docstring."""
 from __future__ import annotations
+
 import os
 import subprocess
 import sys
 import textwrap
+
 from conftest import REPO
 
 

@@ -3,6 +3,7 @@ image and of its mirror, and training from it draws latents from the same distri
 encoding the images on the fly."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -14,12 +15,13 @@ import torch
 
 import extract_features
 import train
-from util.training import latents_from_features, latents_from_images
-from conftest import make_image_folder, TINY, read_metrics, run_script, make_read_only, tmpfs
-from util.data import FeatureDataset, ImageDataset, feature_bytes_per_image, open_feature_arrays, create_feature_store
+from conftest import TINY, make_image_folder, make_read_only, read_metrics, run_script, tmpfs
 from test_vae import make_other_vae
-from util.vae import LATENT_SCALE, Autoencoder, load_vae
-import errno
+from util.data import (
+    FeatureDataset, ImageDataset, create_feature_store, feature_bytes_per_image, open_feature_arrays
+)
+from util.training import latents_from_features, latents_from_images
+from util.vae import Autoencoder, LATENT_SCALE, load_vae
 
 
 def extract_args(data: Path, vae: Path, out: Path, *extra: str) -> list[str]:

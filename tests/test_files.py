@@ -8,8 +8,8 @@ import os
 
 import pytest
 
-from util.files import WriteError, append_record, create_run_dir, output_folder_problem, trim_metrics
 from conftest import make_read_only, tmpfs
+from util.files import WriteError, append_record, create_run_dir, output_folder_problem, trim_metrics
 
 # ----------------------------------------------------------------------------------------
 # Small real file systems: a full disk and a read-only one (tmpfs; needs root)

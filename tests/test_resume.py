@@ -5,19 +5,23 @@ batch: the run continues at the same step and at the same place of the epoch's d
 """
 from __future__ import annotations
 
-import torch
-
-from util import data, checkpoints as checkpoint
-import train
-from util.resume import seed_for_step, checkpoints_newest_first, load_newest_good_checkpoint
-from conftest import read_metrics, run_script, train_args, assert_state_dicts_equal, start_torchrun, wait_for_step, make_image_folder, TINY
 import os
-from pathlib import Path
-import pytest
-from util.checkpoints import save_checkpoint
 import shutil
 import signal
+from pathlib import Path
+
+import pytest
+import torch
 from PIL import Image
+
+import train
+from conftest import (
+    TINY, assert_state_dicts_equal, make_image_folder, read_metrics, run_script, start_torchrun,
+    train_args, wait_for_step
+)
+from util import checkpoints as checkpoint, data
+from util.checkpoints import save_checkpoint
+from util.resume import checkpoints_newest_first, load_newest_good_checkpoint, seed_for_step
 
 
 def record_items(monkeypatch) -> list[tuple[int, int]]:

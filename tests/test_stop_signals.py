@@ -1,8 +1,11 @@
 """TODO docstring."""
 from __future__ import annotations
+
 import os
 import signal
+
 import pytest
+
 from util.stop_signals import StopRequest, exit_code
 
 

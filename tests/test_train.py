@@ -5,26 +5,29 @@ tiny VAE; 24 images with a global batch of 8 make 3 steps per epoch.
 """
 from __future__ import annotations
 
+import io
+import json
 import os
+import re
+import signal
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 import train
-from util.sample_grids import SAMPLE_COUNT, sample_images
-from util.training import build_optimizer, training_step
-from conftest import make_image_folder, TINY, assert_state_dicts_equal, read_metrics, run_script, train_args, make_read_only, tmpfs, start_torchrun, wait_for_step, worker_pid
+from conftest import (
+    TINY, assert_state_dicts_equal, make_image_folder, make_read_only, read_metrics, run_script,
+    start_torchrun, tmpfs, train_args, wait_for_step, worker_pid
+)
 from diffusion import create_diffusion
 from models import DiT_models
-import json
-import re
-import signal
 from test_extract_features import store32
-import numpy as np
-import io
-import sys
+from util.sample_grids import SAMPLE_COUNT, sample_images
+from util.training import build_optimizer, training_step
 
 
 @pytest.fixture(scope="module")

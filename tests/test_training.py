@@ -6,18 +6,18 @@ Run as a script under torchrun, this file is the worker of the two-process test.
 """
 from __future__ import annotations
 
+import copy
+import math
 import sys
 
 import pytest
 import torch
 
-from util.training import accumulated_step, build_optimizer, ema_decay_at, ema_initial_share, update_ema
-from conftest import randomize_, run_script, assert_state_dicts_equal
+import train
+from conftest import assert_state_dicts_equal, randomize_, run_script
 from diffusion import create_diffusion
 from models import DiT_models
-import math
-import train
-import copy
+from util.training import accumulated_step, build_optimizer, ema_decay_at, ema_initial_share, update_ema
 
 GLOBAL_BATCH = 8
 
