@@ -6,7 +6,11 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from conftest import REPO
+
+pytestmark = pytest.mark.slow  # two processes under torchrun
 
 
 ANY_RANK_SCRIPT = textwrap.dedent(

@@ -207,6 +207,7 @@ def test_missing_local_checkpoint(tmp_path):
         pretrained.find_model(str(tmp_path / "nope.pt"))
 
 
+@pytest.mark.slow
 def test_cli_reports_an_impossible_download_in_one_line(tmp_path):
     env = dict(os.environ, DIT_DOWNLOAD_URL=closed_port_url())
     result = subprocess.run(
@@ -352,6 +353,7 @@ def test_offline_with_the_hub_fallback_gives_one_sentence(workdir, monkeypatch):
         pretrained.find_model("hf:nobody/not-cached-dit")
 
 
+@pytest.mark.slow
 def test_help_prints_help_and_downloads_nothing(tmp_path):
     env = dict(os.environ, DIT_DOWNLOAD_URL=closed_port_url())
     result = subprocess.run(

@@ -184,6 +184,7 @@ def other_vae_store(tmp_path_factory, image_folder) -> tuple[Path, Path]:
     return root / "features", vae_dir
 
 
+@pytest.mark.slow
 def test_a_store_takes_the_autoencoders_channels_and_size(other_vae_store, image_folder):
     store, vae_dir = other_vae_store
     meta = json.loads((store / "meta.json").read_text())
@@ -201,6 +202,7 @@ def test_a_store_takes_the_autoencoders_channels_and_size(other_vae_store, image
     torch.testing.assert_close(torch.from_numpy(np.array(arrays["mean"])), as_pairs(posterior.mean), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_stores_moments_become_latents_with_its_scale_and_shift(other_vae_store):
     store, _ = other_vae_store
     dataset = FeatureDataset(str(store))

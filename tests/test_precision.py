@@ -94,6 +94,7 @@ def test_auto_must_be_resolved_before_configuring():
         precision.resolve_precision("fp8", CPU)
 
 
+@pytest.mark.slow
 def test_train_logs_what_auto_chose_and_why(fake_cpu, tmp_path, image_folder, tiny_vae_dir):
     fake_cpu(bf16=False)
     train.main(train_args(image_folder, tiny_vae_dir, tmp_path, "--max-steps", "1", "--precision", "auto"))
@@ -157,6 +158,7 @@ def test_fp16_losses_stay_close_to_fp32():
     assert losses["fp16"] == pytest.approx(losses["fp32"], rel=5e-3)  # fp16 keeps 11 bits, bf16 8
 
 
+@pytest.mark.slow
 def test_fp16_run_counts_skipped_steps_and_resumes_the_scaler_exactly(tmp_path, image_folder, tiny_vae_dir):
     args = train_args(image_folder, tiny_vae_dir, tmp_path / "a", "--log-every", "1", "--precision", "fp16")
     run_script(["train.py", *args, "--max-steps", "4"])

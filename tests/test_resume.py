@@ -42,6 +42,7 @@ def epoch_order(epoch: int) -> list[tuple[int, int]]:
     return data.EpochSampler(24, 0, 1, seed=0).epoch_items(epoch)
 
 
+@pytest.mark.slow
 def test_two_processes_resume_on_one_at_the_same_place_of_the_data(tmp_path, image_folder, tiny_vae_dir, monkeypatch):
     args = train_args(image_folder, tiny_vae_dir, tmp_path, "--log-every", "1")
     # Steps 1-2 (global batches 0 and 1 of epoch 0) on 2 processes x 2 micro-batches of 2 images.
@@ -64,6 +65,7 @@ def test_two_processes_resume_on_one_at_the_same_place_of_the_data(tmp_path, ima
     assert "trained by 2 process(es), now 1: the data order continues as it was, random draws start anew" in log
 
 
+@pytest.mark.slow
 def test_one_process_resumes_on_two(tmp_path, image_folder, tiny_vae_dir):
     args = train_args(image_folder, tiny_vae_dir, tmp_path, "--log-every", "1")
     train.main([*args, "--max-steps", "1", "--grad-accum-steps", "4"])
@@ -129,6 +131,7 @@ def assert_same_training_state(a: Path, b: Path) -> None:
         assert torch.equal(x["cpu"], y["cpu"])
 
 
+@pytest.mark.slow
 def test_sigterm_to_a_torchrun_job_saves_and_resume_auto_continues_bitwise(tmp_path, image_folder, tiny_vae_dir):
     args = train_args(image_folder, tiny_vae_dir, tmp_path / "stopped", "--log-every", "1", "--num-workers", "1", "--resume", "auto")
     job = start_torchrun([*args, "--max-steps", "100000"])
@@ -153,6 +156,7 @@ def test_sigterm_to_a_torchrun_job_saves_and_resume_auto_continues_bitwise(tmp_p
     assert [m["loss"] for m in read_metrics(experiment)] == [m["loss"] for m in read_metrics(reference / "000-DiT-S-8")]
 
 
+@pytest.mark.slow
 def test_resume_auto_skips_a_truncated_newest_checkpoint_and_cleans_up(tmp_path, three_checkpoints, image_folder, tiny_vae_dir, caplog):
     results = tmp_path / "results"
     shutil.copytree(three_checkpoints, results)
@@ -171,6 +175,7 @@ def test_resume_auto_skips_a_truncated_newest_checkpoint_and_cleans_up(tmp_path,
     assert_same_training_state(newest, three_checkpoints / "000-DiT-S-8" / "checkpoints" / "0000006.pt")
 
 
+@pytest.mark.slow
 def test_resume_auto_with_no_loadable_checkpoint_is_one_sentence(tmp_path, image_folder, tiny_vae_dir):
     (tmp_path / "000-DiT-S-8" / "checkpoints").mkdir(parents=True)
     (tmp_path / "000-DiT-S-8" / "checkpoints" / "0000002.pt").write_bytes(b"garbage")
@@ -178,6 +183,7 @@ def test_resume_auto_with_no_loadable_checkpoint_is_one_sentence(tmp_path, image
         train.main(train_args(image_folder, tiny_vae_dir, tmp_path, "--resume", "auto"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "change,message",
     [
@@ -196,6 +202,7 @@ def test_resume_with_other_data_or_ema_decay_is_refused(tmp_path, three_checkpoi
         train.main(args)
 
 
+@pytest.mark.slow
 def test_resume_with_another_lr_continues_and_says_so(tmp_path, three_checkpoints, image_folder, tiny_vae_dir):
     results = tmp_path / "results"
     shutil.copytree(three_checkpoints, results)
@@ -205,6 +212,7 @@ def test_resume_with_another_lr_continues_and_says_so(tmp_path, three_checkpoint
     assert read_metrics(experiment)[-1]["lr"] == 5e-5 and read_metrics(experiment)[-1]["step"] == 7
 
 
+@pytest.mark.slow
 def test_a_full_disk_at_a_metrics_line_stops_and_resume_finishes(tmp_path, image_folder, tiny_vae_dir, monkeypatch):
     import builtins
     import errno

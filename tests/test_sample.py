@@ -74,11 +74,13 @@ def reference_model() -> DiT:
 
 # ---------------------------------------------------------------- the script
 
+@pytest.mark.slow
 def test_grid_has_four_images_per_row(cli_grid):
     # save_image's grid: 2 px padding around 64 px tiles; 5 images -> 4 columns, 2 rows.
     assert Image.open(cli_grid[0]).size == (4 * 66 + 2, 2 * 66 + 2)
 
 
+@pytest.mark.slow
 def test_same_seed_same_image_and_ema_weights_are_used(cli_grid):
     # The training checkpoint's `model` entry differs from `ema`: equal grids mean `ema` was used.
     training, bare = map(pixels, cli_grid)
@@ -86,6 +88,7 @@ def test_same_seed_same_image_and_ema_weights_are_used(cli_grid):
     assert training.std() > 5, "a blank grid"
 
 
+@pytest.mark.slow
 def test_script_follows_the_reference_protocol(cli_grid, tiny_dit_ckpts, tiny_vae_dir, tmp_path):
     """Rebuild the grid step by step as the spec describes the original sample.py."""
     seed, cfg_scale = 0, 4.0
@@ -111,6 +114,7 @@ def test_script_follows_the_reference_protocol(cli_grid, tiny_dit_ckpts, tiny_va
     assert difference.max() <= 1, "more than float noise between the script and the protocol"
 
 
+@pytest.mark.slow
 def test_seed_sampler_guidance_and_precision_options(tiny_dit_ckpts, tiny_vae_dir, cli_grid, tmp_path):
     reference = pixels(cli_grid[0])
     out = tmp_path / "grid.png"
@@ -187,6 +191,7 @@ def test_output_that_cannot_be_written_is_refused_before_loading(tiny_dit_ckpts,
     assert sorted(os.listdir(tmp_path)) == ["file", "folder.png", "read_only"] and os.listdir(read_only) == []
 
 
+@pytest.mark.slow
 def test_solver_grid_is_seeded_and_differs_from_ddpm(tiny_dit_ckpts, tiny_vae_dir, cli_grid, tmp_path):
     """--sampler dpm-solver++ --num-sampling-steps 25, as the README shows, twice with one seed."""
     out = tmp_path / "grid.png"

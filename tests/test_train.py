@@ -39,6 +39,7 @@ def five_steps(tmp_path_factory, image_folder, tiny_vae_dir) -> Path:
     return results / "000-DiT-S-8"
 
 
+@pytest.mark.slow
 def test_one_process_run_writes_the_experiment_folder(five_steps):
     assert sorted(os.listdir(five_steps)) == ["checkpoints", "log.txt", "metrics.jsonl", "samples"]
     assert os.listdir(five_steps / "checkpoints") == ["0000005.pt"]  # the end of the run is always saved
@@ -56,6 +57,7 @@ def test_one_process_run_writes_the_experiment_folder(five_steps):
     assert grid.size == (4 * 64 + 5 * 2, 2 * 64 + 3 * 2)  # 8 images, 4 per row, 2 px padding
 
 
+@pytest.mark.slow
 def test_checkpoint_format_and_loaders(five_steps):
     from util.pretrained import find_model
 
@@ -77,6 +79,7 @@ def test_checkpoint_format_and_loaders(five_steps):
     assert_state_dicts_equal(torch.load(path, map_location=lambda storage, loc: storage)["ema"], ckpt["ema"])
 
 
+@pytest.mark.slow
 def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, five_steps, image_folder, tiny_vae_dir):
     # Stop at step 3, the end of epoch 0, then continue with --resume auto (and a data worker).
     args = train_args(image_folder, tiny_vae_dir, tmp_path, "--log-every", "1", "--resume", "auto")
@@ -98,6 +101,7 @@ def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, five_steps, i
     assert [m["loss"] for m in read_metrics(experiment)] == [m["loss"] for m in read_metrics(five_steps)]
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_with_bf16_and_grad_checkpointing(tmp_path, image_folder, tiny_vae_dir):
     args = train_args(image_folder, tiny_vae_dir, tmp_path, "--max-steps", "2", "--log-every", "1",
                       "--precision", "bf16", "--grad-checkpointing")
@@ -148,6 +152,7 @@ def test_sample_grids_use_fixed_noise_and_leave_the_training_rng_alone(tiny_vae_
     assert not torch.equal(sample_images(ema, vae, 3, num_classes=3, seed=1), first)
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, image_folder, tiny_vae_dir):
     # lr 1e30: step 1 starts from sane weights (finite loss), then the weights are ~1e30.
     args = train_args(image_folder, tiny_vae_dir, tmp_path, "--max-steps", "6", "--log-every", "1", "--ckpt-every", "1", "--lr", "1e30")
@@ -158,6 +163,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, imag
     assert "non-finite at step 2" in (experiment / "log.txt").read_text()
 
 
+@pytest.mark.slow
 def test_unreadable_images_are_skipped_and_counted(tmp_path, tiny_vae_dir):
     data = make_image_folder(tmp_path / "images", classes=2, per_class=4)
     (data / "class_0" / "img_0.png").write_bytes(b"\x89PNG broken")
@@ -200,6 +206,7 @@ def test_global_batch_must_divide_by_the_world_size(image_folder):
         train.validate_args(args, world_size=3)
 
 
+@pytest.mark.slow
 def test_resume_with_another_global_batch_is_refused(tmp_path, five_steps, image_folder, tiny_vae_dir):
     args = train_args(image_folder, tiny_vae_dir, tmp_path, "--resume", str(five_steps / "checkpoints" / "0000005.pt"))
     args[args.index("--global-batch-size") + 1] = "4"
@@ -240,6 +247,7 @@ def test_ema_warmup_is_recorded_and_gives_a_trained_ema(tmp_path, image_folder, 
         train.main(train_args(image_folder, tiny_vae_dir, tmp_path, "--max-steps", "3", "--resume", "auto"))
 
 
+@pytest.mark.slow
 def test_sigusr1_to_one_rank_stops_every_rank_at_the_same_step(tmp_path, image_folder, tiny_vae_dir):
     args = train_args(image_folder, tiny_vae_dir, tmp_path, "--log-every", "1", "--max-steps", "100000")
     job = start_torchrun(args)
@@ -253,6 +261,7 @@ def test_sigusr1_to_one_rank_stops_every_rank_at_the_same_step(tmp_path, image_f
     assert job.returncode != 0 and re.search(r"exitcode\s*:\s*138", output)  # 128 + SIGUSR1, as an uncaught one gives
 
 
+@pytest.mark.slow
 def test_a_new_run_never_reuses_a_folder(tmp_path, image_folder, tiny_vae_dir):
     (tmp_path / "001-DiT-S-8").mkdir()  # 000 was deleted; 001 holds another run
     (tmp_path / "001-DiT-S-8" / "log.txt").write_text("another run\n")
@@ -261,6 +270,7 @@ def test_a_new_run_never_reuses_a_folder(tmp_path, image_folder, tiny_vae_dir):
     assert (tmp_path / "001-DiT-S-8" / "log.txt").read_text() == "another run\n"
 
 
+@pytest.mark.slow
 def test_checkpoints_are_group_readable(three_checkpoints):
     from util.files import current_umask
 
@@ -276,6 +286,7 @@ def test_a_read_only_results_folder_is_one_sentence_before_any_work(tmp_path, im
             train.main(train_args(image_folder, tiny_vae_dir, fs / "results"))
 
 
+@pytest.mark.slow
 def test_a_full_disk_at_a_checkpoint_is_one_sentence_and_keeps_the_previous_one(tmp_path, image_folder, tiny_vae_dir, monkeypatch):
     from util import checkpoints as checkpoint
 
@@ -330,6 +341,7 @@ def test_bad_flags_are_one_sentence_before_any_folder_or_work(tmp_path, image_fo
     assert not (tmp_path / "results").exists()
 
 
+@pytest.mark.slow
 def test_training_from_features_without_sample_grids_loads_no_vae(tmp_path, store32, monkeypatch):
     def no_vae(*a, **k):
         raise AssertionError("the VAE was loaded")
@@ -343,12 +355,14 @@ def test_training_from_features_without_sample_grids_loads_no_vae(tmp_path, stor
     assert meta["vae"] in log
 
 
+@pytest.mark.slow
 def test_one_sampling_step_is_allowed_for_the_sample_grids(tmp_path, image_folder, tiny_vae_dir):
     # 1 is inside the checked range 1..1000 and gives a grid (it used to crash at the first grid).
     train.main(train_args(image_folder, tiny_vae_dir, tmp_path, "--max-steps", "1", "--sample-every", "1", "--sample-steps", "1"))
     assert os.listdir(tmp_path / "000-DiT-S-8" / "samples") == ["0000001.png"]
 
 
+@pytest.mark.slow
 def test_a_really_full_disk_at_the_first_checkpoint_is_one_sentence(tmp_path, image_folder, tiny_vae_dir):
     # Results on a 1 MB tmpfs: the log and metrics fit, a DiT-S/8 checkpoint (~0.5 GB) does not.
     with tmpfs(tmp_path / "fs", "1m") as fs:
@@ -359,6 +373,7 @@ def test_a_really_full_disk_at_the_first_checkpoint_is_one_sentence(tmp_path, im
         assert "the disk is full" in (fs / "000-DiT-S-8" / "log.txt").read_text()
 
 
+@pytest.mark.slow
 def test_train_py_with_accumulation_records_the_split(tmp_path, image_folder, tiny_vae_dir):
     args = train_args(image_folder, tiny_vae_dir, tmp_path, "--max-steps", "2", "--log-every", "1", "--grad-accum-steps", "4")
     run_script(["train.py", *args])
@@ -399,6 +414,7 @@ def unconditional_args(data: str, vae, results, *extra: str) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_unconditional_training_on_a_folder_without_classes(tmp_path, tiny_vae_dir):
     data = mixed_folder(tmp_path / "images")
     train.main(unconditional_args(data, tiny_vae_dir, tmp_path / "results", "--max-steps", "2", "--log-every", "1",
@@ -431,6 +447,7 @@ def test_bad_class_settings_get_one_sentence(tmp_path, tiny_vae_dir, flag, value
         train.main(args)
 
 
+@pytest.mark.slow
 def test_tensorboard_events_hold_the_metrics_and_the_grids(tmp_path, image_folder, tiny_vae_dir):
     from tensorboard.backend.event_processing import event_accumulator  # in requirements-test.txt
     train.main(train_args(image_folder, tiny_vae_dir, tmp_path, "--max-steps", "2", "--log-every", "1",

@@ -109,6 +109,7 @@ def ddp_worker(out: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_processes_with_accumulation_equal_one_large_batch(tmp_path):
     out = tmp_path / "ddp.pt"
     run_script(["tests/test_training.py", str(out)], nproc=2)
