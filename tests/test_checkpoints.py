@@ -1,4 +1,6 @@
-"""checkpoint.py: atomic writes, safe reads, clear errors on bad files."""
+"""util/checkpoints.py: atomic writes with the umask's mode, one-sentence errors on a full or
+read-only disk that keep the previous file, stale temporaries removed, safe reads, clear errors
+on bad files."""
 from __future__ import annotations
 
 import argparse

@@ -1,4 +1,5 @@
-"""diffusion/ against the reference vectors: schedules, losses, posteriors, respacing, loops."""
+"""diffusion/: the order of random draws, bad requests, the plain KL loss, custom noise, guidance by
+mean and score, DDIM's reverse step. (The comparisons with reference vectors: test_reference_vectors.py.)"""
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
-"""pretrained.find_model against a loopback HTTP server: fetch, resume, corrupt files, offline."""
+"""download.py and util/pretrained.py (find_model against a loopback HTTP server: fetch, resume,
+corrupt files, offline; load_weights) and util/diffusers_format.py (diffusers' DiT layout)."""
 from __future__ import annotations
 
 import io

@@ -1,6 +1,7 @@
 """extract_features.py and training from its output: the store holds the VAE posterior of each
 image and of its mirror, and training from it draws latents from the same distribution as
-encoding the images on the fly."""
+encoding the images on the fly. On a full or read-only disk: one sentence with the path and
+the bytes needed, before any image is encoded (a memory map on a full disk dies with SIGBUS)."""
 from __future__ import annotations
 
 import errno

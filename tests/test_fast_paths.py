@@ -1,6 +1,6 @@
 """The speed-ups keep the fp32 results: torch.compile (training and sampling), fused AdamW,
 bf16 autocast within bf16 rounding. (Fused attention and the vectorised EMA are tested in
-test_models.py and test_train.py.)"""
+test_models.py and test_training.py.)"""
 from __future__ import annotations
 
 import copy

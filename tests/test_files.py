@@ -1,5 +1,5 @@
-"""Long runs lose nothing: run folders claimed atomically, checkpoint writes on a full or
-read-only disk, stale temporaries, damaged checkpoints, metrics written twice, stop signals."""
+"""util/files.py: run folders claimed atomically, output folders that cannot work refused in one
+sentence, records appended to a full disk, metrics that keep one record per step at a resume."""
 from __future__ import annotations
 
 import json

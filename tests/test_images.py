@@ -1,4 +1,4 @@
-"""images.py: ADM center crop against the reference, uint8 conversion, grids."""
+"""util/images.py: uint8 conversion and grids. (ADM's center crop against the reference: test_reference_vectors.py.)"""
 from __future__ import annotations
 
 import numpy as np

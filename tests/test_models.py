@@ -1,4 +1,5 @@
-"""models.py against the reference vectors and the facts of the released checkpoints."""
+"""models.py: the facts of the released checkpoints, initialisation, guidance and labels, the timm
+layers of the original, bad input. (The comparisons with reference vectors: test_reference_vectors.py.)"""
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,7 @@
-"""TODO docstring."""
+"""The reimplementation against reference vectors that the original DiT code produced (tests/data,
+tests/data/README.md): the model's forward passes and embeddings, the diffusion's schedules,
+losses, posteriors, respacing and loops, sample.py's denoising loops, and ADM's center crop.
+The tolerances are those of /work/shared/SPEC.md and stay as they are."""
 from __future__ import annotations
 
 import ast

@@ -1,5 +1,8 @@
-"""Resuming on another number of processes or another accumulation split, with the same global
-batch: the run continues at the same step and at the same place of the epoch's data order.
+"""util/resume.py and train.py's resumes: on another number of processes or another accumulation
+split, with the same global batch, the run continues at the same step and at the same place of
+the epoch's data order; --resume auto takes the newest checkpoint that loads, after a SIGTERM
+under torchrun as after a damaged file or a full disk; settings that would mix experiments are
+refused, another learning rate is taken and reported.
 
 (Resuming on the same number of processes is bitwise exact: test_train.py.)
 """

@@ -206,7 +206,7 @@ def test_solver_grid_is_seeded_and_differs_from_ddpm(tiny_dit_ckpts, tiny_vae_di
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
 def test_one_sampling_step_works(tiny_dit_ckpts, tiny_vae_dir, tmp_path, sampler):
-    """Once an IndexError; one step now samples from t=999 (tests/test_solvers.py checks the values)."""
+    """One step samples from t=999 (tests/test_solvers.py checks the values)."""
     grid = run_in_process(tiny_dit_ckpts, tiny_vae_dir, tmp_path / "grid.png", "--num-sampling-steps", "1", "--sampler", sampler)
     assert grid.std() > 5
 

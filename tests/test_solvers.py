@@ -1,4 +1,4 @@
-"""diffusers' solvers driving DiT (solvers.py): identities with DDIM, convergence, one-step sampling."""
+"""diffusers' solvers driving DiT (diffusion/solvers.py): identities with DDIM, convergence, one-step sampling."""
 from __future__ import annotations
 
 import numpy as np

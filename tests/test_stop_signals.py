@@ -1,4 +1,4 @@
-"""TODO docstring."""
+"""util/stop_signals.py: SIGTERM and SIGUSR1 set a flag instead of killing, with the exit code a scheduler expects."""
 from __future__ import annotations
 
 import os

@@ -1,4 +1,6 @@
-"""train.py end to end on a CPU: one process and two gloo processes, exact resume, faults, bad input.
+"""train.py end to end on a CPU: one process and two gloo processes, exact resume, stop signals,
+full and read-only disks, bad flags and input, training from features, gradient accumulation,
+unconditional training on any image folder, TensorBoard events.
 
 Every run trains DiT-S/8 on 64 px images (8x8 latents: one token) of 3 classes with the
 tiny VAE; 24 images with a global batch of 8 make 3 steps per epoch.
@@ -113,7 +115,7 @@ def test_two_gloo_processes_with_bf16_and_grad_checkpointing(tmp_path, image_fol
     assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
     assert not torch.equal(ckpt["rng"][0]["cpu"], ckpt["rng"][1]["cpu"])  # per-rank seeds
     DiT_models["DiT-S/8"](input_size=8, num_classes=3).load_state_dict(ckpt["ema"], strict=True)
-    # (Resuming such a checkpoint on one process: test_train_resume.py.)
+    # (Resuming such a checkpoint on one process: test_resume.py.)
 
 
 def first_losses(precision: str = "fp32", grad_checkpointing: bool = False, steps: int = 3) -> list[float]:
@@ -214,8 +216,8 @@ def test_resume_with_another_global_batch_is_refused(tmp_path, five_steps, image
         train.main(args)
 
 
-# Regression pin, recorded from train.py before --ema-warmup, --no-flip and autoencoders other than
-# the SD VAE existed: the SD-VAE path's losses for the tiny run below (one thread).
+# Regression pin: the SD-VAE path's losses for the tiny run below (one thread), recorded from a
+# train.py without --ema-warmup, --no-flip or other autoencoders, which must leave this path as it is.
 PINNED_LOSSES = [1.0542515516281128, 1.0626201629638672, 1.064855933189392]
 
 
