@@ -11,15 +11,6 @@ import pytest
 from conftest import make_read_only, tmpfs
 from util.files import WriteError, append_record, create_run_dir, output_folder_problem, trim_metrics
 
-# ----------------------------------------------------------------------------------------
-# Small real file systems: a full disk and a read-only one (tmpfs; needs root)
-# ----------------------------------------------------------------------------------------
-
-
-# ----------------------------------------------------------------------------------------
-# Run folders
-# ----------------------------------------------------------------------------------------
-
 
 def test_run_numbers_are_never_reused(tmp_path):
     first = create_run_dir(str(tmp_path), "DiT-S-8")
@@ -74,16 +65,6 @@ def test_output_folders_that_cannot_work_are_one_sentence(tmp_path):
         )
 
 
-# ----------------------------------------------------------------------------------------
-# Checkpoint writes: mode, full disk, read-only folder
-# ----------------------------------------------------------------------------------------
-
-
-# ----------------------------------------------------------------------------------------
-# Recovery at resume: stale temporaries, damaged checkpoints, metrics written twice
-# ----------------------------------------------------------------------------------------
-
-
 def test_appending_a_record_to_a_full_disk_is_one_sentence(tmp_path):
     with tmpfs(tmp_path / "fs", "64k") as fs:
         path = fs / "metrics.jsonl"
@@ -110,8 +91,3 @@ def test_metrics_keep_one_record_per_step_up_to_the_resumed_step(tmp_path):
     before = path.read_text()
     assert trim_metrics(str(path), last_step=4) == 0 and path.read_text() == before
     assert trim_metrics(str(tmp_path / "missing.jsonl"), last_step=4) == 0
-
-
-# ----------------------------------------------------------------------------------------
-# Stop signals and the collective that makes ranks agree
-# ----------------------------------------------------------------------------------------

@@ -9,9 +9,6 @@ from conftest import load_golden_model, randomize_
 from models import DiT_models, check_state_dict
 
 
-# ---------------------------------------------------------------- reference vectors
-
-
 # ---------------------------------------------------------------- structure
 
 # Facts about the reference implementation (parameter counts of its models).

@@ -65,8 +65,6 @@ def run_in_process(ckpts: dict, vae_dir, out, *extra: str):
     return pixels(out)
 
 
-# ---------------------------------------------------------------- reference vectors
-
 @pytest.fixture(scope="module")
 def reference_model() -> DiT:
     return load_golden_model("model_tiny")[0]
