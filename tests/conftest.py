@@ -16,9 +16,13 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 import numpy as np
 import pytest
 import torch
+from diffusers.models import AutoencoderKL
 from PIL import Image
 
+import extract_features
 import train
+from models import DiT_models
+from util.sampling import LABEL_TABLE
 
 DATA = Path(__file__).parent / "data"
 REPO = Path(__file__).parent.parent
@@ -94,8 +98,6 @@ def one_thread():
 
 def make_tiny_vae(folder: Path) -> Path:
     """A random AutoencoderKL with the real VAE's interface (3 -> 4 channels, 8x downsampling)."""
-    from diffusers.models import AutoencoderKL
-
     torch.manual_seed(0)
     vae = AutoencoderKL(
         in_channels=3,
@@ -261,3 +263,46 @@ class StandIn:
     def __call__(self, x, t, **kwargs):
         self.seen_t.append(t)
         return self.output
+
+
+def extract_args(data: Path, vae: Path, out: Path, *extra: str) -> list[str]:
+    return ["--data-path", str(data), "--feature-path", str(out), "--image-size", "64", "--vae-path", str(vae), "--num-workers", "0", *extra]
+
+
+@pytest.fixture(scope="module")
+def store32(tmp_path_factory, image_folder, tiny_vae_dir) -> Path:
+    out = tmp_path_factory.mktemp("features") / "f32"
+    extract_features.main(extract_args(image_folder, tiny_vae_dir, out, "--batch-size", "24", "--dtype", "float32"))
+    return out
+
+
+def make_other_vae(folder: Path) -> Path:
+    """An AutoencoderKL unlike the SD VAE: 8 latent channels, 3 encoder blocks (4x), scale 0.5, shift 0.1."""
+    torch.manual_seed(1)
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(8, 8, 8),
+        layers_per_block=1,
+        latent_channels=8,
+        norm_num_groups=4,
+        sample_size=32,
+        scaling_factor=0.5,
+        shift_factor=0.1,
+    )
+    vae.save_pretrained(folder)
+    return folder
+
+
+def unconditional_checkpoints(folder) -> dict:
+    """DiT-S/8 weights as train.py --num-classes 1 --class-dropout-prob 0 saves them: a label
+    table of one row and no null label, as a training checkpoint (with the flags train.py
+    stores) and as a bare state dict."""
+    ema = make_tiny_dit(num_classes=1)
+    ema[LABEL_TABLE] = ema[LABEL_TABLE][:1].clone()  # the null row dropped
+    DiT_models["DiT-S/8"](input_size=8, num_classes=1, class_dropout_prob=0).load_state_dict(ema)  # the layout train.py makes
+    args = {"model": "DiT-S/8", "image_size": 64, "num_classes": 1, "class_dropout_prob": 0.0}
+    training, bare = folder / "0000010.pt", folder / "bare.pt"
+    torch.save({"model": ema, "ema": ema, "args": args}, training)
+    torch.save(ema, bare)
+    return {"training": training, "bare": bare, "model": "DiT-S/8", "image_size": 64, "num_classes": 1}

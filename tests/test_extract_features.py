@@ -16,8 +16,10 @@ import torch
 
 import extract_features
 import train
-from conftest import TINY, make_image_folder, make_read_only, read_metrics, run_script, tmpfs
-from test_vae import make_other_vae
+from conftest import (
+    TINY, extract_args, make_image_folder, make_other_vae, make_read_only, read_metrics, run_script,
+    tmpfs
+)
 from util.data import (
     FeatureDataset, ImageDataset, create_feature_store, feature_bytes_per_image, open_feature_arrays
 )
@@ -25,22 +27,11 @@ from util.training import latents_from_features, latents_from_images
 from util.vae import Autoencoder, LATENT_SCALE, load_vae
 
 
-def extract_args(data: Path, vae: Path, out: Path, *extra: str) -> list[str]:
-    return ["--data-path", str(data), "--feature-path", str(out), "--image-size", "64", "--vae-path", str(vae), "--num-workers", "0", *extra]
-
-
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, image_folder, tiny_vae_dir) -> Path:
     """The float16 store of the 24 test images, encoded in one batch."""
     out = tmp_path_factory.mktemp("features") / "f16"
     run_script(["extract_features.py", *extract_args(image_folder, tiny_vae_dir, out, "--batch-size", "24")])
-    return out
-
-
-@pytest.fixture(scope="module")
-def store32(tmp_path_factory, image_folder, tiny_vae_dir) -> Path:
-    out = tmp_path_factory.mktemp("features") / "f32"
-    extract_features.main(extract_args(image_folder, tiny_vae_dir, out, "--batch-size", "24", "--dtype", "float32"))
     return out
 
 

@@ -12,11 +12,14 @@ from PIL import Image
 from torchvision.utils import save_image
 
 import sample
-from conftest import REPO, assert_close_to_reference, load_golden, load_golden_model, make_tiny_dit
+from conftest import (
+    REPO, assert_close_to_reference, load_golden, load_golden_model, make_tiny_dit,
+    unconditional_checkpoints
+)
 from diffusion import create_diffusion
 from models import DiT, DiT_models
 from util.precision import configure_precision
-from util.sampling import LABEL_TABLE, create_sampler, denoise
+from util.sampling import create_sampler, denoise
 from util.vae import load_vae
 
 STEPS = 5
@@ -222,19 +225,6 @@ def test_a_one_class_checkpoint_samples_with_num_classes_1(tiny_vae_dir, tmp_pat
 
 
 # ---------------------------------------------------------------- checkpoints without a null label
-
-def unconditional_checkpoints(folder) -> dict:
-    """DiT-S/8 weights as train.py --num-classes 1 --class-dropout-prob 0 saves them: a label
-    table of one row and no null label, as a training checkpoint (with the flags train.py
-    stores) and as a bare state dict."""
-    ema = make_tiny_dit(num_classes=1)
-    ema[LABEL_TABLE] = ema[LABEL_TABLE][:1].clone()  # the null row dropped
-    DiT_models["DiT-S/8"](input_size=8, num_classes=1, class_dropout_prob=0).load_state_dict(ema)  # the layout train.py makes
-    args = {"model": "DiT-S/8", "image_size": 64, "num_classes": 1, "class_dropout_prob": 0.0}
-    training, bare = folder / "0000010.pt", folder / "bare.pt"
-    torch.save({"model": ema, "ema": ema, "args": args}, training)
-    torch.save(ema, bare)
-    return {"training": training, "bare": bare, "model": "DiT-S/8", "image_size": 64, "num_classes": 1}
 
 
 def test_a_checkpoint_without_null_label_samples_unguided(tiny_vae_dir, tmp_path, capsys):

@@ -11,11 +11,10 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
 from PIL import Image
-from test_sample import unconditional_checkpoints
 
 import sample_ddp
+from conftest import REPO, unconditional_checkpoints
 from models import DiT_models
 from util.sampling import create_sampler, denoise
 from util.vae import decode, load_vae

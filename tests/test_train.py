@@ -27,7 +27,6 @@ from conftest import (
 )
 from diffusion import create_diffusion
 from models import DiT_models
-from test_extract_features import store32
 from util.sample_grids import SAMPLE_COUNT, sample_images
 from util.training import build_optimizer, training_step
 
