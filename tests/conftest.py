@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -139,8 +140,6 @@ def image_folder(tmp_path_factory) -> Path:
 def make_tiny_dit(model: str = "DiT-S/8", input_size: int = 8, num_classes: int = 10, seed: int = 0) -> dict:
     """State dict of a DiT from DiT_models whose every layer matters: the zero-initialised
     adaLN and output layers get small random values, so samples depend on every weight."""
-    from models import DiT_models
-
     torch.manual_seed(seed)
     dit = DiT_models[model](input_size=input_size, num_classes=num_classes)
     for param in dit.parameters():
@@ -306,3 +305,10 @@ def unconditional_checkpoints(folder) -> dict:
     torch.save({"model": ema, "ema": ema, "args": args}, training)
     torch.save(ema, bare)
     return {"training": training, "bare": bare, "model": "DiT-S/8", "image_size": 64, "num_classes": 1}
+
+
+def closed_port_url() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/models"
