@@ -129,6 +129,7 @@ def tiny_training(seed: int = 0):
     return model, build_optimizer(model, 1e-4), create_diffusion("")
 
 
+@pytest.mark.slow
 def test_fp16_overflow_skips_the_step_and_lowers_the_scale():
     model, optimizer, diffusion = tiny_training()
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**60)  # scaled fp16 gradients overflow
@@ -145,6 +146,7 @@ def test_fp16_overflow_skips_the_step_and_lowers_the_scale():
     assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
 
 
+@pytest.mark.slow
 def test_fp16_losses_stay_close_to_fp32():
     losses = {}
     for name in ("fp32", "fp16"):

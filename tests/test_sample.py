@@ -212,6 +212,7 @@ def test_one_sampling_step_works(tiny_dit_ckpts, tiny_vae_dir, tmp_path, sampler
     assert grid.std() > 5
 
 
+@pytest.mark.slow
 def test_a_one_class_checkpoint_samples_with_num_classes_1(tiny_vae_dir, tmp_path):
     """Custom and unconditional checkpoints: --num-classes sizes the label table, and a label
     the checkpoint cannot take is refused in one sentence, not by an indexing error."""
@@ -227,6 +228,7 @@ def test_a_one_class_checkpoint_samples_with_num_classes_1(tiny_vae_dir, tmp_pat
 # ---------------------------------------------------------------- checkpoints without a null label
 
 
+@pytest.mark.slow
 def test_a_checkpoint_without_null_label_samples_unguided(tiny_vae_dir, tmp_path, capsys):
     """Guidance is off whatever --cfg-scale says, with one line when it asked for guidance; the
     grid is the plain reverse process of the model without a null label."""
@@ -353,6 +355,7 @@ def test_weights_for_another_model_name_the_config_they_were_made_for(tiny_dit_c
     assert "not DiT-B/4 at 8x8, 4 channels, 10 classes" in text and "\n" not in text
 
 
+@pytest.mark.slow
 def test_describe_state_dict_reads_the_config_off_the_shapes():
     from util.sampling import describe_state_dict
 

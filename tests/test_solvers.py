@@ -64,6 +64,7 @@ def ode_solution(model, inputs):
     return denoise(model, create_sampler(1000, "ddim"), z, y, CFG_SCALE)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["dpm-solver++", "unipc", "heun"])
 def test_second_order_solvers_converge_to_the_ddim_ode(model, inputs, ode_solution, name):
     z, y = inputs

@@ -131,6 +131,7 @@ def first_losses(precision: str = "fp32", grad_checkpointing: bool = False, step
     return losses
 
 
+@pytest.mark.slow
 def test_bf16_and_grad_checkpointing_match_fp32():
     fp32 = first_losses()
     assert first_losses(grad_checkpointing=True) == pytest.approx(fp32, rel=1e-5)

@@ -53,6 +53,7 @@ def split(batch: tuple[torch.Tensor, ...], parts: int, rank: int = 0, world_size
     return list(zip(*[x.chunk(parts) for x in share]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("parts", [2, 4])
 def test_accumulated_micro_batches_equal_one_large_batch(parts):
     batch = fixed_batch()
@@ -68,6 +69,7 @@ def test_accumulated_micro_batches_equal_one_large_batch(parts):
     assert all(not torch.equal(accumulated_weights[name], initial[name]) for name in grads)
 
 
+@pytest.mark.slow
 def test_a_micro_batch_split_is_not_a_smaller_batch():
     # Sanity check of the test above: the gradient of only the first half differs.
     batch = fixed_batch()
