@@ -197,6 +197,7 @@ def test_fused_attention_matches_plain_formula():
     assert ((a - b).abs().max() / a.abs().max()) < 1e-5
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
     model = randomize_(DiT_models["DiT-S/8"](input_size=16, num_classes=10)).eval()

@@ -297,6 +297,7 @@ def test_hub_name_loads_the_transformer_subfolder_and_falls_back_to_the_bin(gold
     assert {subfolder for _, subfolder, _ in hub.requests} == {"transformer"}
 
 
+@pytest.mark.slow
 def test_hub_is_the_fallback_when_the_original_address_fails(workdir, monkeypatch, tmp_path):
     import huggingface_hub
 

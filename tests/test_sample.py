@@ -256,6 +256,7 @@ def test_a_checkpoint_without_null_label_samples_unguided(tiny_vae_dir, tmp_path
     assert unguided.std() > 5, "a blank grid"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "which, extra, message",
     [

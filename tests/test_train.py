@@ -138,6 +138,7 @@ def test_bf16_and_grad_checkpointing_match_fp32():
     assert first_losses("bf16") == pytest.approx(fp32, rel=2e-2)
 
 
+@pytest.mark.slow
 def test_sample_grids_use_fixed_noise_and_leave_the_training_rng_alone(tiny_vae_dir):
     from util.vae import load_autoencoder
 

@@ -132,6 +132,7 @@ def test_ema_warmup_is_tensorflows_num_updates_schedule():
     assert ema_decay_at(0.5, 100, warmup=True) == 0.5
 
 
+@pytest.mark.slow
 def test_ema_warmup_is_off_by_default_and_then_the_plain_decay():
     assert train.parse_args([]).ema_warmup is False
     assert all(ema_decay_at(0.9999, t, warmup=False) == 0.9999 for t in (0, 1, 10, 10**6))
