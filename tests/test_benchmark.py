@@ -74,6 +74,7 @@ def test_hardware_record_names_the_gpu(monkeypatch, capability, native):
     assert expected in hardware_line(info)
 
 
+@pytest.mark.slow
 def test_report_names_the_machine_and_resolves_auto(tmp_path):
     out = tmp_path / "out"
     command = [
@@ -150,6 +151,7 @@ def test_profile_names_where_the_time_goes(tmp_path):
 
 # ---------------------------------------------------------------- the GPU checks' tooling
 
+@pytest.mark.slow
 def test_gpu_marker_selects_the_gpu_tests_which_skip_without_cuda():
     def pytest_run(*args: str) -> str:
         result = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args], cwd=REPO,
@@ -166,6 +168,7 @@ def test_gpu_marker_selects_the_gpu_tests_which_skip_without_cuda():
         assert f"{len(selected)} skipped" in report and "needs a CUDA GPU" in report
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["gpu_checks.sh", "fetch_gpu_wheels.sh"])
 def test_gpu_scripts_parse(script):
     result = subprocess.run(["bash", "-n", str(REPO / "benchmarks" / script)], capture_output=True, text=True)

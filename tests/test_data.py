@@ -1,4 +1,4 @@
-"""data.py: the resumable sampler, the image folder that skips unreadable files, the feature store."""
+"""util/data.py: the resumable sampler, the image folder that skips unreadable files, the feature store."""
 from __future__ import annotations
 
 import numpy as np

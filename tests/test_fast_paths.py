@@ -1,6 +1,6 @@
 """The speed-ups keep the fp32 results: torch.compile (training and sampling), fused AdamW,
 bf16 autocast within bf16 rounding. (Fused attention and the vectorised EMA are tested in
-test_models.py and test_train.py.)"""
+test_models.py and test_training.py.)"""
 from __future__ import annotations
 
 import copy
@@ -38,6 +38,7 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
+@pytest.mark.slow
 def test_compiled_training_matches_eager(fresh_compiler):
     """Same losses (label dropout included: it must draw from the same generator) and gradients."""
     eager = tiny_model().train()
@@ -62,6 +63,7 @@ def test_compiled_training_matches_eager(fresh_compiler):
         assert relative_error(g_c, g_e) < 1e-4
 
 
+@pytest.mark.slow
 def test_compiled_sampling_matches_eager(fresh_compiler):
     eager = tiny_model().eval().requires_grad_(False)
     compiled = compile_for_sampling(copy.deepcopy(eager))
@@ -80,6 +82,7 @@ def test_compiled_sampling_matches_eager(fresh_compiler):
     assert relative_error(compiled_bf16, expected) < 3e-2
 
 
+@pytest.mark.slow
 def test_compiled_sampling_freezes_the_weights(fresh_compiler):
     """Freezing really applies: the compiled graph holds the weights as constants, so a later
     in-place change of a weight is not seen (why sampling compiles only frozen models)."""

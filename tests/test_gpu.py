@@ -75,6 +75,7 @@ def assert_equal_state(a: dict, b: dict, what: str) -> None:
 
 # ---------------------------------------------------------------- train.py under torchrun (nccl)
 
+@pytest.mark.slow
 def test_train_from_images_tf32_resumes_bitwise_with_the_cuda_rng_state(tmp_path, image_folder, tiny_vae_dir):
     """5 steps in one go, and 3 steps then --resume auto to 5 (across an epoch boundary: 24
     images, batch 8), both under deterministic algorithms: every weight, optimizer state,
@@ -197,6 +198,7 @@ def sample_args(ckpts: dict, vae_dir: Path, out: Path) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_sample_py_draws_the_reference_latent_and_repeats_itself(tmp_path, monkeypatch, tiny_dit_ckpts, tiny_vae_dir):
     import sample
 
@@ -224,6 +226,7 @@ def test_sample_py_draws_the_reference_latent_and_repeats_itself(tmp_path, monke
     assert np.array_equal(first, second)
 
 
+@pytest.mark.slow
 def test_sample_ddp_npz_does_not_depend_on_the_per_process_batch(tmp_path, tiny_dit_ckpts, tiny_vae_dir):
     """40 images in blocks of --micro-batch-size 8, taken 8 or 32 at a time by the one process."""
     arrays, files = [], []
@@ -281,6 +284,7 @@ def test_low_precision_loss_is_close_to_fp32(precision, rel):
 
 # ---------------------------------------------------------------- last: the one compilation (the longest test)
 
+@pytest.mark.slow
 def test_train_from_features_bf16_with_compile_matches_eager(tmp_path, image_folder, tiny_vae_dir):
     """Features extracted on the GPU; train.py in bf16, compiled and eager: the same draws
     (compile keeps random ops eager), so the losses agree to bf16 rounding, 2% relative."""

@@ -1,30 +1,11 @@
-"""images.py: ADM center crop against the reference, uint8 conversion, grids."""
+"""util/images.py: uint8 conversion and grids. (ADM's center crop against the reference: test_reference_vectors.py.)"""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
-from conftest import DATA
-from util.images import center_crop_arr, save_grid, to_uint8
-
-CROPS = np.load(DATA / "center_crop.npz")
-
-
-def reference_test_image(height: int, width: int) -> Image.Image:
-    """The test image of tests/data/README.md: pixel (y, x, c) = (x*(c+1) + y*(3-c) + 17*c) % 256."""
-    y, x, c = np.meshgrid(np.arange(height), np.arange(width), np.arange(3), indexing="ij")
-    return Image.fromarray(((x * (c + 1) + y * (3 - c) + 17 * c) % 256).astype(np.uint8))
-
-
-@pytest.mark.parametrize("key", sorted(CROPS.files))
-def test_center_crop_matches_reference(key):
-    _, size, _, target = key.split("_")
-    height, width = map(int, size.split("x"))
-    out = np.array(center_crop_arr(reference_test_image(height, width), int(target)))
-    assert out.shape == CROPS[key].shape
-    assert np.array_equal(out, CROPS[key])
+from util.images import save_grid, to_uint8
 
 
 def test_to_uint8_formula():

@@ -11,7 +11,7 @@ import train
 from util.training import build_optimizer, training_step
 from diffusion import create_diffusion
 from models import DiT_models
-from test_train import assert_state_dicts_equal, read_metrics, run_script, train_args
+from conftest import assert_state_dicts_equal, read_metrics, run_script, train_args
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
 
@@ -94,6 +94,7 @@ def test_auto_must_be_resolved_before_configuring():
         precision.resolve_precision("fp8", CPU)
 
 
+@pytest.mark.slow
 def test_train_logs_what_auto_chose_and_why(fake_cpu, tmp_path, image_folder, tiny_vae_dir):
     fake_cpu(bf16=False)
     train.main(train_args(image_folder, tiny_vae_dir, tmp_path, "--max-steps", "1", "--precision", "auto"))
@@ -128,6 +129,7 @@ def tiny_training(seed: int = 0):
     return model, build_optimizer(model, 1e-4), create_diffusion("")
 
 
+@pytest.mark.slow
 def test_fp16_overflow_skips_the_step_and_lowers_the_scale():
     model, optimizer, diffusion = tiny_training()
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**60)  # scaled fp16 gradients overflow
@@ -144,6 +146,7 @@ def test_fp16_overflow_skips_the_step_and_lowers_the_scale():
     assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
 
 
+@pytest.mark.slow
 def test_fp16_losses_stay_close_to_fp32():
     losses = {}
     for name in ("fp32", "fp16"):
@@ -157,6 +160,7 @@ def test_fp16_losses_stay_close_to_fp32():
     assert losses["fp16"] == pytest.approx(losses["fp32"], rel=5e-3)  # fp16 keeps 11 bits, bf16 8
 
 
+@pytest.mark.slow
 def test_fp16_run_counts_skipped_steps_and_resumes_the_scaler_exactly(tmp_path, image_folder, tiny_vae_dir):
     args = train_args(image_folder, tiny_vae_dir, tmp_path / "a", "--log-every", "1", "--precision", "fp16")
     run_script(["train.py", *args, "--max-steps", "4"])

@@ -8,15 +8,18 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, assert_close_to_reference, load_golden, load_golden_model, make_tiny_dit
 from PIL import Image
 from torchvision.utils import save_image
 
 import sample
+from conftest import (
+    REPO, assert_close_to_reference, load_golden, load_golden_model, make_tiny_dit,
+    unconditional_checkpoints
+)
 from diffusion import create_diffusion
 from models import DiT, DiT_models
 from util.precision import configure_precision
-from util.sampling import LABEL_TABLE, create_sampler, denoise
+from util.sampling import create_sampler, denoise
 from util.vae import load_vae
 
 STEPS = 5
@@ -65,38 +68,20 @@ def run_in_process(ckpts: dict, vae_dir, out, *extra: str):
     return pixels(out)
 
 
-# ---------------------------------------------------------------- reference vectors
-
 @pytest.fixture(scope="module")
 def reference_model() -> DiT:
     return load_golden_model("model_tiny")[0]
 
 
-def test_guided_ddpm_matches_reference_loop(reference_model):
-    """The reference's loop with CFG: latent from a fresh seed, batch [z; z], labels [y; null]."""
-    case = load_golden("sampling")["ddpm10_cfg4_seed0"]
-    torch.manual_seed(0)
-    z = torch.randn(2, 4, 8, 8)
-    latents = denoise(reference_model, create_sampler(10, "ddpm"), z, case["y"][:2], cfg_scale=4.0)
-    assert case["y"][2:].tolist() == [10, 10]  # null label = num_classes
-    assert_close_to_reference(latents, case["sample"][:2], rel=1e-4)
-
-
-def test_ddim_matches_reference_loop(reference_model):
-    case = load_golden("sampling")["ddim10_eta0.0_seed2"]
-    torch.manual_seed(2)
-    z = torch.randn(2, 4, 8, 8)
-    latents = denoise(reference_model, create_sampler(10, "ddim"), z, case["y"], cfg_scale=None)
-    assert_close_to_reference(latents, case["sample"], rel=1e-4)
-
-
 # ---------------------------------------------------------------- the script
 
+@pytest.mark.slow
 def test_grid_has_four_images_per_row(cli_grid):
     # save_image's grid: 2 px padding around 64 px tiles; 5 images -> 4 columns, 2 rows.
     assert Image.open(cli_grid[0]).size == (4 * 66 + 2, 2 * 66 + 2)
 
 
+@pytest.mark.slow
 def test_same_seed_same_image_and_ema_weights_are_used(cli_grid):
     # The training checkpoint's `model` entry differs from `ema`: equal grids mean `ema` was used.
     training, bare = map(pixels, cli_grid)
@@ -104,6 +89,7 @@ def test_same_seed_same_image_and_ema_weights_are_used(cli_grid):
     assert training.std() > 5, "a blank grid"
 
 
+@pytest.mark.slow
 def test_script_follows_the_reference_protocol(cli_grid, tiny_dit_ckpts, tiny_vae_dir, tmp_path):
     """Rebuild the grid step by step as the spec describes the original sample.py."""
     seed, cfg_scale = 0, 4.0
@@ -129,6 +115,7 @@ def test_script_follows_the_reference_protocol(cli_grid, tiny_dit_ckpts, tiny_va
     assert difference.max() <= 1, "more than float noise between the script and the protocol"
 
 
+@pytest.mark.slow
 def test_seed_sampler_guidance_and_precision_options(tiny_dit_ckpts, tiny_vae_dir, cli_grid, tmp_path):
     reference = pixels(cli_grid[0])
     out = tmp_path / "grid.png"
@@ -205,6 +192,7 @@ def test_output_that_cannot_be_written_is_refused_before_loading(tiny_dit_ckpts,
     assert sorted(os.listdir(tmp_path)) == ["file", "folder.png", "read_only"] and os.listdir(read_only) == []
 
 
+@pytest.mark.slow
 def test_solver_grid_is_seeded_and_differs_from_ddpm(tiny_dit_ckpts, tiny_vae_dir, cli_grid, tmp_path):
     """--sampler dpm-solver++ --num-sampling-steps 25, as the README shows, twice with one seed."""
     out = tmp_path / "grid.png"
@@ -219,11 +207,12 @@ def test_solver_grid_is_seeded_and_differs_from_ddpm(tiny_dit_ckpts, tiny_vae_di
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
 def test_one_sampling_step_works(tiny_dit_ckpts, tiny_vae_dir, tmp_path, sampler):
-    """Once an IndexError; one step now samples from t=999 (tests/test_solvers.py checks the values)."""
+    """One step samples from t=999 (tests/test_solvers.py checks the values)."""
     grid = run_in_process(tiny_dit_ckpts, tiny_vae_dir, tmp_path / "grid.png", "--num-sampling-steps", "1", "--sampler", sampler)
     assert grid.std() > 5
 
 
+@pytest.mark.slow
 def test_a_one_class_checkpoint_samples_with_num_classes_1(tiny_vae_dir, tmp_path):
     """Custom and unconditional checkpoints: --num-classes sizes the label table, and a label
     the checkpoint cannot take is refused in one sentence, not by an indexing error."""
@@ -238,20 +227,8 @@ def test_a_one_class_checkpoint_samples_with_num_classes_1(tiny_vae_dir, tmp_pat
 
 # ---------------------------------------------------------------- checkpoints without a null label
 
-def unconditional_checkpoints(folder) -> dict:
-    """DiT-S/8 weights as train.py --num-classes 1 --class-dropout-prob 0 saves them: a label
-    table of one row and no null label, as a training checkpoint (with the flags train.py
-    stores) and as a bare state dict."""
-    ema = make_tiny_dit(num_classes=1)
-    ema[LABEL_TABLE] = ema[LABEL_TABLE][:1].clone()  # the null row dropped
-    DiT_models["DiT-S/8"](input_size=8, num_classes=1, class_dropout_prob=0).load_state_dict(ema)  # the layout train.py makes
-    args = {"model": "DiT-S/8", "image_size": 64, "num_classes": 1, "class_dropout_prob": 0.0}
-    training, bare = folder / "0000010.pt", folder / "bare.pt"
-    torch.save({"model": ema, "ema": ema, "args": args}, training)
-    torch.save(ema, bare)
-    return {"training": training, "bare": bare, "model": "DiT-S/8", "image_size": 64, "num_classes": 1}
 
-
+@pytest.mark.slow
 def test_a_checkpoint_without_null_label_samples_unguided(tiny_vae_dir, tmp_path, capsys):
     """Guidance is off whatever --cfg-scale says, with one line when it asked for guidance; the
     grid is the plain reverse process of the model without a null label."""
@@ -279,6 +256,7 @@ def test_a_checkpoint_without_null_label_samples_unguided(tiny_vae_dir, tmp_path
     assert unguided.std() > 5, "a blank grid"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "which, extra, message",
     [
@@ -378,6 +356,7 @@ def test_weights_for_another_model_name_the_config_they_were_made_for(tiny_dit_c
     assert "not DiT-B/4 at 8x8, 4 channels, 10 classes" in text and "\n" not in text
 
 
+@pytest.mark.slow
 def test_describe_state_dict_reads_the_config_off_the_shapes():
     from util.sampling import describe_state_dict
 

@@ -11,11 +11,10 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
 from PIL import Image
-from test_sample import unconditional_checkpoints
 
 import sample_ddp
+from conftest import REPO, unconditional_checkpoints
 from models import DiT_models
 from util.sampling import create_sampler, denoise
 from util.vae import decode, load_vae
@@ -55,6 +54,7 @@ def one_process(tiny_dit_ckpts, tiny_vae_dir, tmp_path_factory):
     return set_paths(sample_dir)
 
 
+@pytest.mark.slow
 def test_npz_holds_exactly_the_pngs(one_process, tiny_vae_dir):
     folder, npz = one_process
     arr = np.load(npz)["arr_0"]
@@ -67,6 +67,7 @@ def test_npz_holds_exactly_the_pngs(one_process, tiny_vae_dir):
     assert os.path.basename(folder) == f"DiT-S-8-0000010-size-64-vae-{tiny_vae_dir.name}-cfg-1.5-seed-0"
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_with_another_batch_size_give_the_same_file(one_process, tiny_dit_ckpts, tiny_vae_dir, tmp_path):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     run(launcher, ddp_args(tiny_dit_ckpts, tiny_vae_dir, tmp_path, 3))
@@ -75,6 +76,7 @@ def test_two_gloo_processes_with_another_batch_size_give_the_same_file(one_proce
         assert mine.read() == reference.read()
 
 
+@pytest.mark.slow
 def test_rerun_redoes_only_missing_and_truncated_pngs(one_process, tiny_dit_ckpts, tiny_vae_dir, tmp_path):
     sample_dir = tmp_path / "samples"
     folder = sample_dir / os.path.basename(one_process[0])
@@ -116,6 +118,7 @@ def test_every_model_call_has_one_shape_and_image_i_its_own_row(tiny_dit_ckpts, 
                 assert y[row] == generator.integers(10)
 
 
+@pytest.mark.slow
 def test_image_i_comes_from_its_own_generator(one_process, tiny_dit_ckpts, tiny_vae_dir):
     """Image 5 rebuilt alone from numpy's generator seeded with [global_seed, 5], as documented:
     latent, then label, then one noise draw per step; guidance 1.5 on the first 3 eps channels."""
@@ -142,6 +145,7 @@ def test_image_i_comes_from_its_own_generator(one_process, tiny_dit_ckpts, tiny_
     assert np.abs(found.astype(int) - expected).max() <= 1
 
 
+@pytest.mark.slow
 def test_folder_of_other_settings_is_refused_and_kept(one_process, tiny_dit_ckpts, tiny_vae_dir, tmp_path):
     sample_dir = tmp_path / "samples"
     folder = sample_dir / os.path.basename(one_process[0])
@@ -198,6 +202,7 @@ def test_sample_dir_that_is_a_file_is_refused(tiny_dit_ckpts, tiny_vae_dir, tmp_
     assert (tmp_path / "samples").read_text() == "x"
 
 
+@pytest.mark.slow
 def test_ddpm_folders_record_no_spacing(one_process):
     """ddpm and ddim ignore --timestep-spacing: their recipe leaves it out (None), so folders
     sampled before the flag existed are still resumed."""
@@ -213,6 +218,7 @@ def sde_one_process(tiny_dit_ckpts, tiny_vae_dir, tmp_path_factory):
     return set_paths(sample_dir)
 
 
+@pytest.mark.slow
 def test_solver_sets_are_identical_for_any_batch_size_and_process_count(sde_one_process, one_process, tiny_dit_ckpts, tiny_vae_dir, tmp_path):
     extra = ("--sampler", "dpm-solver++-sde")
     run([sys.executable], ddp_args(tiny_dit_ckpts, tiny_vae_dir, tmp_path / "one", 2, *extra))
@@ -241,6 +247,7 @@ def test_read_only_sample_dir_is_refused_before_loading(tiny_dit_ckpts, tiny_vae
     assert os.listdir(read_only) == []
 
 
+@pytest.mark.slow
 def test_a_checkpoint_without_null_label_gives_one_unguided_set(tiny_vae_dir, tmp_path):
     """train.py --num-classes 1 --class-dropout-prob 0 weights: sampled unguided, with one line
     (from rank 0 only) when --cfg-scale asked for guidance; the recipe and the folder name
@@ -267,6 +274,7 @@ def test_a_checkpoint_without_null_label_gives_one_unguided_set(tiny_vae_dir, tm
     assert {name: os.stat(os.path.join(folder, name)).st_mtime_ns for name in kept} == kept, "valid PNGs were sampled again"
 
 
+@pytest.mark.slow
 def test_npz_holds_each_images_label_as_arr_1(one_process):
     """arr_1: image i's label, the one drawn from its own generator after its latent; the
     resumed and 2-process runs compare the whole file, arr_1 included, with this one."""

@@ -1,4 +1,4 @@
-"""diffusers' solvers driving DiT (solvers.py): identities with DDIM, convergence, one-step sampling."""
+"""diffusers' solvers driving DiT (diffusion/solvers.py): identities with DDIM, convergence, one-step sampling."""
 from __future__ import annotations
 
 import numpy as np
@@ -64,6 +64,7 @@ def ode_solution(model, inputs):
     return denoise(model, create_sampler(1000, "ddim"), z, y, CFG_SCALE)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["dpm-solver++", "unipc", "heun"])
 def test_second_order_solvers_converge_to_the_ddim_ode(model, inputs, ode_solution, name):
     z, y = inputs

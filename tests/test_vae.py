@@ -1,43 +1,17 @@
 """util/vae.py: the latent space comes from the AutoencoderKL's config; pixel space is the identity."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from diffusers.models import AutoencoderKL
 
+from conftest import make_other_vae
 from util.vae import (
-    PIXEL_SPACE,
-    Autoencoder,
-    AutoencoderError,
-    decode,
-    encode,
-    latent_size,
-    load_autoencoder,
-    load_vae,
-    read_autoencoder,
+    Autoencoder, AutoencoderError, PIXEL_SPACE, decode, encode, latent_size, load_autoencoder,
+    load_vae, read_autoencoder
 )
 
 CPU = torch.device("cpu")
-
-
-def make_other_vae(folder: Path) -> Path:
-    """An AutoencoderKL unlike the SD VAE: 8 latent channels, 3 encoder blocks (4x), scale 0.5, shift 0.1."""
-    torch.manual_seed(1)
-    vae = AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(8, 8, 8),
-        layers_per_block=1,
-        latent_channels=8,
-        norm_num_groups=4,
-        sample_size=32,
-        scaling_factor=0.5,
-        shift_factor=0.1,
-    )
-    vae.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import torch
 
 import train
 from conftest import make_tiny_dit
-from test_train import train_args
+from conftest import train_args
 
 TABLE = "y_embedder.embedding_table.weight"
 
@@ -34,6 +34,7 @@ def fine_tune(tmp_path, image_folder, tiny_vae_dir, init_from, *extra) -> tuple[
     return torch.load(experiment / "checkpoints" / "0000001.pt", weights_only=True), (experiment / "log.txt").read_text()
 
 
+@pytest.mark.slow
 def test_init_from_loads_model_and_ema_but_not_optimizer_or_step(tmp_path, source, image_folder, tiny_vae_dir):
     ckpt, log = fine_tune(tmp_path, image_folder, tiny_vae_dir, source["training"])
     for name in source["ema"]:
@@ -45,6 +46,7 @@ def test_init_from_loads_model_and_ema_but_not_optimizer_or_step(tmp_path, sourc
     assert "label table" not in log
 
 
+@pytest.mark.slow
 def test_another_class_count_gets_a_new_label_table(tmp_path, source, image_folder, tiny_vae_dir):
     weights = torch.load(source["ten_classes"], weights_only=True)
     ckpt, log = fine_tune(tmp_path, image_folder, tiny_vae_dir, source["ten_classes"])
@@ -58,6 +60,7 @@ def test_another_class_count_gets_a_new_label_table(tmp_path, source, image_fold
     assert len(relabel) == 1 and "has 11 rows, this run needs 4 (--num-classes 3 + the null label)" in relabel[0]
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_another_model_is_refused(tmp_path, image_folder, tiny_vae_dir):
     torch.save(make_tiny_dit("DiT-S/4", num_classes=3), tmp_path / "s4.pt")
     with pytest.raises(SystemExit, match=r"--init-from .*s4.pt does not fit the model: 4 shape mismatches: pos_embed"):
@@ -89,6 +92,7 @@ def test_init_from_another_image_size_recomputes_pos_embed(tmp_path, image_folde
     )
 
 
+@pytest.mark.slow
 def test_a_refusal_names_what_the_weights_were_made_for(tmp_path, image_folder, tiny_vae_dir):
     torch.save(make_tiny_dit("DiT-S/4", num_classes=3), tmp_path / "s4.pt")
     with pytest.raises(SystemExit, match=r"\(the weights are those of a DiT of depth 12, width 384 and patch size 4 on 8x8 latents of 4 channels\)$"):

@@ -1,4 +1,4 @@
-"""Every script's --help explains every flag and shows its default."""
+"""The scripts' parsers (their shared flag groups: util/flags.py): every script's --help explains every flag and shows its default."""
 import argparse
 import importlib
 
