@@ -62,6 +62,7 @@ TRAIN_FLAGS = [
 SAMPLER, SAMPLING_STEPS, CFG_SCALE = "dpm-solver++", 20, 2.0
 CALIBRATION_STEPS = 6
 GRID_PIXELS = 32  # each 8x8 sample is shown at 32x32 in samples.png
+GRID_GAP, GRID_GAP_GREY = 4, 96  # pixels and grey level of the lines between digits
 
 
 # ----------------------------------------------------------------------------------------
@@ -118,7 +119,7 @@ def sample_classes(model: torch.nn.Module, per_class: int, seed: int = 0) -> tup
     labels = torch.arange(model.num_classes).repeat_interleave(per_class)
     generator = torch.Generator().manual_seed(seed)
     z = torch.randn(len(labels), model.in_channels, model.input_size, model.input_size, generator=generator)
-    images = denoise(model, create_sampler(SAMPLING_STEPS, SAMPLER), z, labels, CFG_SCALE, sampler=SAMPLER)
+    images = denoise(model, create_sampler(SAMPLING_STEPS, SAMPLER), z, labels, CFG_SCALE)
     return images.clamp(-1, 1), labels
 
 
@@ -242,12 +243,17 @@ def plot_series(xs: list[float], ys: list[float], path: str, title: str, xlabel:
 
 
 def save_digit_grid(images: torch.Tensor, rows: int, path: str) -> None:
-    """(rows * cols, C, H, W) images in [-1, 1], one row per class, nearest-upscaled to GRID_PIXELS."""
+    """(rows * cols, C, H, W) images in [-1, 1], one row per class, nearest-upscaled to GRID_PIXELS
+    each, with a grey line between digits so that neighbours do not run into each other."""
     grey = ((images.clamp(-1, 1).mean(dim=1) + 1) * 127.5).round().to(torch.uint8).numpy()
-    cols = len(grey) // rows
-    side = grey.shape[-1]
-    grid = grey.reshape(rows, cols, side, side).transpose(0, 2, 1, 3).reshape(rows * side, cols * side)
-    Image.fromarray(grid).resize((cols * GRID_PIXELS, rows * GRID_PIXELS), Image.NEAREST).save(path)
+    cols, side = len(grey) // rows, grey.shape[-1]
+    scale = GRID_PIXELS // side
+    cell = side * scale + GRID_GAP
+    grid = np.full((rows * cell + GRID_GAP, cols * cell + GRID_GAP), GRID_GAP_GREY, dtype=np.uint8)
+    for index, digit in enumerate(grey):
+        top, left = GRID_GAP + (index // cols) * cell, GRID_GAP + (index % cols) * cell
+        grid[top:top + side * scale, left:left + side * scale] = digit.repeat(scale, 0).repeat(scale, 1)
+    Image.fromarray(grid).save(path)
 
 
 # ----------------------------------------------------------------------------------------

@@ -95,5 +95,5 @@ def test_init_from_another_image_size_recomputes_pos_embed(tmp_path, image_folde
 @pytest.mark.slow
 def test_a_refusal_names_what_the_weights_were_made_for(tmp_path, image_folder, tiny_vae_dir):
     torch.save(make_tiny_dit("DiT-S/4", num_classes=3), tmp_path / "s4.pt")
-    with pytest.raises(SystemExit, match=r"\(the weights are those of a DiT of depth 12, width 384 and patch size 4 on 8x8 latents of 4 channels\)$"):
+    with pytest.raises(SystemExit, match=r"\(the weights are those of DiT-S/4 at 8x8 latents, 4 channels, 4 label rows \(3 classes and the null label, or 4 without\)\)$"):
         fine_tune(tmp_path / "run", image_folder, tiny_vae_dir, tmp_path / "s4.pt")

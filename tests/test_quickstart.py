@@ -66,8 +66,20 @@ def test_digit_grid_has_one_upscaled_row_per_class(tmp_path) -> None:
     path = tmp_path / "grid.png"
     quickstart.save_digit_grid(images, 10, str(path))
     grid = np.asarray(Image.open(path))
-    assert grid.shape == (320, 320)
-    assert (grid[32:64] == 255).all() and (grid[:32] == 0).all() and (grid[64:] == 0).all()
+    assert grid.shape == (364, 364)  # 10 digits of 32 px, 11 grey lines of 4 px
+    assert (grid[40:72, 4:36] == 255).all() and (grid[40:72, 328:360] == 255).all()
+    assert (grid[4:36, 4:36] == 0).all() and (grid[76:108, 4:36] == 0).all()
+    assert (grid[:4] == quickstart.GRID_GAP_GREY).all() and (grid[36:40] == quickstart.GRID_GAP_GREY).all()
+
+
+def test_samples_come_per_class_in_range_and_repeat_with_the_seed() -> None:
+    torch.manual_seed(0)
+    model = quickstart.DiT_models["DiT-S/8"](input_size=8, in_channels=3, num_classes=2).eval()
+    images, labels = quickstart.sample_classes(model, per_class=2)
+    again, _ = quickstart.sample_classes(model, per_class=2)
+    assert images.shape == (4, 3, 8, 8) and labels.tolist() == [0, 0, 1, 1]
+    assert images.min() >= -1 and images.max() <= 1
+    assert torch.equal(images, again)
 
 
 def test_checkpoints_are_thinned_to_one_per_interval(tmp_path) -> None:
