@@ -482,3 +482,28 @@ def test_off_by_default_and_one_sentence_without_the_package(tmp_path, image_fol
     with pytest.raises(SystemExit, match=r"^--tensorboard needs the tensorboard package, which is not installed: pip install tensorboard$"):
         train.main(train_args(image_folder, tiny_vae_dir, tmp_path, "--max-steps", "1", "--tensorboard"))
     assert not (tmp_path / "000-DiT-S-8").exists()
+
+
+@pytest.mark.slow
+def test_a_pixel_space_checkpoint_samples_with_only_its_path(tmp_path, image_folder, one_thread):
+    """train.py --vae none, then sample.py and sample_ddp.py given --ckpt alone: model, image
+    size, classes and pixel space come from the checkpoint, and the images have its size."""
+    import sample
+    import sample_ddp
+
+    args = ["--data-path", str(image_folder), "--results-dir", str(tmp_path / "results"), *TINY, "--vae", "none"]
+    args[args.index("--image-size") + 1] = "32"
+    train.main([*args, "--max-steps", "2"])
+    ckpt = str(tmp_path / "results" / "000-DiT-S-8" / "checkpoints" / "0000002.pt")
+
+    grid = tmp_path / "grid.png"
+    sample.main(["--ckpt", ckpt, "--num-sampling-steps", "2", "--class-labels", "0", "1", "--out", str(grid)])
+    assert Image.open(grid).size == (2 * 32 + 3 * 2, 32 + 2 * 2)  # 2 images of 32 px in a padded row
+
+    samples = tmp_path / "samples"
+    sample_ddp.main(["--ckpt", ckpt, "--num-sampling-steps", "2", "--num-fid-samples", "3",
+                     "--per-proc-batch-size", "2", "--sample-dir", str(samples)])
+    (npz,) = samples.glob("*.npz")
+    with np.load(npz) as arrays:
+        assert arrays["arr_0"].shape == (3, 32, 32, 3) and arrays["arr_1"].shape == (3,)
+        assert set(arrays["arr_1"].tolist()) <= {0, 1, 2}  # the checkpoint's 3 classes
