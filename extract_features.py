@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from util.flags import add_data_flags, add_vae_flags, make_parser, vae_error_sentence
+from util.flags import add_data_flags, add_vae_flags, autoencoder_from_flags, make_parser, vae_error_sentence
 from util.data import (
     FEATURE_DTYPES,
     FEATURE_FORMAT,
@@ -39,7 +39,7 @@ from util.data import (
 )
 from util.files import nearest_existing, output_folder_problem, write_error_message
 from util.distributed import any_rank, barrier, cleanup_distributed, create_logger, gather_from_all, setup_distributed
-from util.vae import HUB_VAES, PIXEL_SPACE, SD_LATENT_CHANNELS, Autoencoder, AutoencoderError, load_autoencoder, read_autoencoder
+from util.vae import HUB_VAES, PIXEL_SPACE, SD_LATENT_CHANNELS, Autoencoder, AutoencoderError, load_autoencoder
 
 # Settings that must agree between a feature folder and the run that continues it.
 MATCHING_META_KEYS = ("image_size", "dtype", "count", "classes", "vae_encoder", "flip", "latent_space")
@@ -183,13 +183,9 @@ def read_latent_space(args: argparse.Namespace) -> tuple[Autoencoder, int]:
             f"--vae {PIXEL_SPACE} trains on pixels, which need no features: train from the image folder (train.py --data-path)"
         )
     try:
-        autoencoder = read_autoencoder(args.vae, args.vae_path)
-    except AutoencoderError as error:
-        raise SystemExit(vae_error_sentence(error, args.vae_path)) from None
-    try:
-        return autoencoder, autoencoder.latent_size(args.image_size)
-    except AutoencoderError as error:
-        raise SystemExit(f"--image-size {error}") from None
+        return autoencoder_from_flags(args)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
 
 
 def validate_args(args: argparse.Namespace) -> None:

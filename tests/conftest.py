@@ -97,22 +97,25 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def make_tiny_vae(folder: Path) -> Path:
-    """A random AutoencoderKL with the real VAE's interface (3 -> 4 channels, 8x downsampling)."""
-    torch.manual_seed(0)
+def save_random_vae(folder: Path, seed: int, blocks: int, **config) -> Path:
+    """A random AutoencoderKL of `blocks` 8-channel blocks each way (2 ** (blocks - 1) x
+    down-sampling), saved as a diffusers folder."""
+    torch.manual_seed(seed)
     vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 8, 8),
+        down_block_types=("DownEncoderBlock2D",) * blocks,
+        up_block_types=("UpDecoderBlock2D",) * blocks,
+        block_out_channels=(8,) * blocks,
         layers_per_block=1,
-        latent_channels=4,
         norm_num_groups=4,
-        sample_size=64,
+        **config,
     )
     vae.save_pretrained(folder)
     return folder
+
+
+def make_tiny_vae(folder: Path) -> Path:
+    """A random AutoencoderKL with the real VAE's interface (3 -> 4 channels, 8x downsampling)."""
+    return save_random_vae(folder, 0, 4, in_channels=3, out_channels=3, latent_channels=4, sample_size=64)
 
 
 def make_image_folder(root: Path, classes: int = 3, per_class: int = 8, seed: int = 0) -> Path:
@@ -277,20 +280,7 @@ def store32(tmp_path_factory, image_folder, tiny_vae_dir) -> Path:
 
 def make_other_vae(folder: Path) -> Path:
     """An AutoencoderKL unlike the SD VAE: 8 latent channels, 3 encoder blocks (4x), scale 0.5, shift 0.1."""
-    torch.manual_seed(1)
-    vae = AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(8, 8, 8),
-        layers_per_block=1,
-        latent_channels=8,
-        norm_num_groups=4,
-        sample_size=32,
-        scaling_factor=0.5,
-        shift_factor=0.1,
-    )
-    vae.save_pretrained(folder)
-    return folder
+    return save_random_vae(folder, 1, 3, latent_channels=8, sample_size=32, scaling_factor=0.5, shift_factor=0.1)
 
 
 def unconditional_checkpoints(folder) -> dict:

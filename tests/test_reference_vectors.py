@@ -1,7 +1,7 @@
 """The reimplementation against reference vectors that the original DiT code produced (tests/data,
 tests/data/README.md): the model's forward passes and embeddings, the diffusion's schedules,
 losses, posteriors, respacing and loops, sample.py's denoising loops, and ADM's center crop.
-The tolerances are those of /work/shared/SPEC.md and stay as they are."""
+Each tolerance is stated beside its comparison (tests/conftest.py explains them)."""
 from __future__ import annotations
 
 import ast
@@ -43,7 +43,7 @@ def test_pos_embed_matches_reference_checkpoint(name):
 
 @pytest.mark.parametrize("dim", [256, 255])
 def test_timestep_embedding_matches_reference(dim):
-    """Equal to the reference up to float32 arithmetic at the angles' magnitude (SPEC section 4).
+    """Equal to the reference up to float32 arithmetic at the angles' magnitude.
 
     The angle t * f is float32 with f = exp(-ln(10000) i / half) computed by float32 `exp`,
     whose last bit differs between torch builds. One ulp of f moves the angle by

@@ -18,7 +18,7 @@ from util.checkpoints import WeightsError
 from util.precision import PRECISIONS
 from util.pretrained import PRETRAINED_MODELS, WEIGHT_SETS, load_weights
 from util.sampling import SAMPLERS, SamplerError, build_model, create_sampler
-from util.vae import HUB_VAES, PIXEL_SPACE, Autoencoder, AutoencoderError, load_autoencoder
+from util.vae import HUB_VAES, PIXEL_SPACE, Autoencoder, AutoencoderError, load_autoencoder, read_autoencoder
 
 # train.py flags (its checkpoint's `args`) that say which model to build and what it samples into.
 CHECKPOINT_FLAGS = ("model", "image_size", "num_classes", "vae", "vae_path")
@@ -179,10 +179,14 @@ def default_checkpoint(model_name: str, image_size: int) -> str:
     return name
 
 
-def autoencoder_from_flags(args: argparse.Namespace, device: torch.device) -> tuple[Autoencoder, int]:
-    """The autoencoder of --vae / --vae-path and the latent side of --image-size in it."""
+def autoencoder_from_flags(args: argparse.Namespace, device: torch.device | None = None) -> tuple[Autoencoder, int]:
+    """The autoencoder of --vae / --vae-path and the latent side of --image-size in it; without
+    a device, its numbers from the config alone (no weights read)."""
     try:
-        autoencoder = load_autoencoder(args.vae, device, args.vae_path)
+        if device is None:
+            autoencoder = read_autoencoder(args.vae, args.vae_path)
+        else:
+            autoencoder = load_autoencoder(args.vae, device, args.vae_path)
     except AutoencoderError as error:
         raise ValueError(vae_error_sentence(error, args.vae_path)) from error
     try:
