@@ -86,7 +86,22 @@ def read_stats(path: str, npz: np.lib.npyio.NpzFile) -> dict[str, np.ndarray] | 
     for key, shape in STAT_SHAPES.items():
         if stats[key].shape != shape or not np.issubdtype(stats[key].dtype, np.floating):
             raise ValueError(f"{path}: {key} must be a float array of shape {shape}, got {stats[key].dtype} {stats[key].shape}")
+    check_finite(path, stats)
     return stats
+
+
+def check_finite(source: str, arrays: dict[str, np.ndarray], remedy: str = "recompute the file from its images") -> None:
+    """One sentence naming `source`, the array and the count of NaN or inf values in it: the
+    metrics of such inputs are undefined (and scipy's sqrtm can spin for many minutes on them)."""
+    for key, array in arrays.items():
+        bad = ~np.isfinite(array)
+        if bad.any():
+            rows = int(bad.reshape(len(array), -1).any(axis=1).sum()) if array.ndim > 1 else None
+            where = f" in {rows:,} of its {len(array):,} rows" if rows is not None else ""
+            raise ValueError(
+                f"{source}: {key} holds {int(bad.sum()):,} non-finite value(s) (NaN or inf){where}; "
+                f"the metrics of such values are undefined, so {remedy}"
+            )
 
 
 def load_activations(path: str) -> Activations:
@@ -105,6 +120,7 @@ def load_activations(path: str) -> Activations:
                 f"{path}: {key} must be float32 of shape (N, {dim}) with the same N >= 1 as pool, "
                 f"got {array.dtype} {array.shape}"
             )
+    check_finite(path, arrays)
     return Activations(**arrays, stats=stats)
 
 
@@ -236,7 +252,9 @@ def compute_activations(path: str, model: torch.nn.Module, device: torch.device,
     for batch in tqdm(batches, total=-(-num_images(path) // batch_size), desc=os.path.basename(path), unit="batch"):
         for key, value in inception_activations(model, torch.from_numpy(batch).to(device)).items():
             outputs[key].append(value.float().cpu().numpy())
-    return Activations(**{key: np.concatenate(value) for key, value in outputs.items()}, stats=stats)
+    arrays = {key: np.concatenate(value) for key, value in outputs.items()}
+    check_finite(f"the Inception activations of {path}", arrays, "check that its images and the Inception weights are intact")
+    return Activations(**arrays, stats=stats)
 
 
 def save_activations(acts: Activations, path: str) -> None:
@@ -282,6 +300,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     fallbacks: eps on the diagonals when sqrtm of a near-singular product is not finite, and the
     real part when rounding leaves a small imaginary one."""
     mu1, mu2, sigma1, sigma2 = (np.asarray(x, dtype=np.float64) for x in (mu1, mu2, sigma1, sigma2))
+    check_finite("the Frechet distance", {"mu1": mu1, "sigma1": sigma1, "mu2": mu2, "sigma2": sigma2}, "pass finite statistics")
     covmean = linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
         warnings.warn(f"the product of the covariances is singular; adding {eps} to their diagonals")
@@ -406,14 +425,30 @@ def check_input_sizes(paths: tuple[str, str]) -> None:
             check_count(f"{name} {path}", count)
 
 
+def open_inputs(paths: tuple[str, str]) -> list[Activations | None]:
+    """Check both inputs before any Inception pass (hours for 50K images): activation files are
+    loaded and checked whole; image batches get their header and stored statistics checked.
+    Returns the activations of each activation file, None for each image batch."""
+    check_input_sizes(paths)
+    opened: list[Activations | None] = []
+    for path in paths:
+        if is_image_batch(path):
+            num_images(path)  # dtype and shape of arr_0
+            with open_npz(path) as npz:
+                read_stats(path, npz)
+            opened.append(None)
+        else:
+            opened.append(load_activations(path))
+    return opened
+
+
 def read_inputs(args: argparse.Namespace, device: torch.device) -> tuple[Activations, Activations]:
     """Both inputs as activations; the network is built only when one of them is images."""
-    check_input_sizes((args.ref, args.sample))
     model = None
     inputs = []
-    for path in (args.ref, args.sample):
-        if not is_image_batch(path):
-            inputs.append(load_activations(path))
+    for path, loaded in zip((args.ref, args.sample), open_inputs((args.ref, args.sample))):
+        if loaded is not None:
+            inputs.append(loaded)
             continue
         if model is None:
             model = build_inception(resolve_inception_weights(args.inception_weights), device)

@@ -500,3 +500,69 @@ def test_a_batch_too_small_for_anything_fails_before_the_inception_pass(tmp_path
         evaluate.main([ref, sample])
     assert_one_sentence(str(error.value), "evaluate.py: error: the sample", "has 1 image; precision and recall need more than 3")
     assert seen == []  # not even the reference went through the network
+
+
+# ---------------------------------------------------------------- non-finite inputs
+
+
+def test_one_nan_in_an_activation_file_is_one_sentence_before_any_metric(tmp_path, monkeypatch):
+    """pool[5, 7] = NaN used to reach scipy's sqrtm, which spins for many minutes on it."""
+    monkeypatch.setattr(evaluate, "frechet_distance", lambda *args: pytest.fail("a metric ran on NaN activations"))
+    rng = np.random.default_rng(17)
+    ref, sample = acts(rng, 12, dims=ADM_DIMS), acts(rng, 12, dims=ADM_DIMS)
+    sample.pool[5, 7] = np.nan
+    ref_path = save(tmp_path / "ref.npz", pool=ref.pool, spatial=ref.spatial, softmax=ref.softmax)
+    sample_path = save(tmp_path / "sample.npz", pool=sample.pool, spatial=sample.spatial, softmax=sample.softmax)
+    with pytest.raises(SystemExit) as error:
+        evaluate.main([ref_path, sample_path])
+    assert_one_sentence(str(error.value), sample_path, "pool holds 1 non-finite value(s) (NaN or inf) in 1 of its 12 rows")
+
+
+def test_infinite_stored_statistics_are_refused_naming_the_array(tmp_path):
+    rng = np.random.default_rng(18)
+    a = acts(rng, 5, dims=ADM_DIMS)
+    stats = diagonal_stats(rng, ADM_DIMS)
+    stats["sigma"][3, :2] = np.inf
+    path = save(tmp_path / "stats.npz", pool=a.pool, spatial=a.spatial, softmax=a.softmax, **stats)
+    with pytest.raises(ValueError) as error:
+        evaluate.load_activations(path)
+    assert_one_sentence(str(error.value), path, "sigma holds 2 non-finite value(s)", "in 1 of its 2,048 rows")
+
+
+def test_frechet_distance_refuses_nan_statistics_instead_of_calling_sqrtm(monkeypatch):
+    monkeypatch.setattr(evaluate.linalg, "sqrtm", lambda matrix: pytest.fail("sqrtm ran on NaN statistics"))
+    sigma = np.eye(4)
+    with pytest.raises(ValueError) as error:
+        evaluate.frechet_distance(np.zeros(4), sigma, np.array([0, np.nan, 0, 0]), sigma)
+    assert_one_sentence(str(error.value), "mu2 holds 1 non-finite value(s)")
+
+
+def test_non_finite_inception_activations_name_the_image_batch(tmp_path, monkeypatch):
+    projection_inception(monkeypatch, {"pool": 16, "spatial": 16, "softmax": 10})
+    real = evaluate.inception_activations
+    monkeypatch.setattr(evaluate, "inception_activations", lambda model, images: {**real(model, images), "pool": torch.full((len(images), 16), np.inf)})
+    rng = np.random.default_rng(19)
+    path = save(tmp_path / "images.npz", arr_0=rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8))
+    with pytest.raises(ValueError) as error:
+        evaluate.compute_activations(path, "model", torch.device("cpu"), 4)
+    assert_one_sentence(str(error.value), f"the Inception activations of {path}: pool holds 96 non-finite value(s)")
+
+
+@pytest.mark.parametrize("problem", ["float images", "nan activations", "partial statistics"])
+def test_a_bad_sample_is_refused_before_the_reference_goes_through_inception(tmp_path, monkeypatch, problem):
+    seen = projection_inception(monkeypatch, {"pool": 16, "spatial": 16, "softmax": 10})
+    rng = np.random.default_rng(20)
+    ref = save(tmp_path / "ref.npz", arr_0=rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8))
+    if problem == "float images":
+        sample, needle = save(tmp_path / "sample.npz", arr_0=np.zeros((8, 32, 32, 3), np.float32)), "arr_0 must be a C-ordered uint8"
+    elif problem == "nan activations":
+        a = acts(rng, 8, dims=ADM_DIMS)
+        a.softmax[2] = np.nan
+        sample, needle = save(tmp_path / "sample.npz", pool=a.pool, spatial=a.spatial, softmax=a.softmax), "softmax holds 1,008"
+    else:
+        images = rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+        sample, needle = save(tmp_path / "sample.npz", arr_0=images, mu=np.zeros(2048)), "FID statistics need all four"
+    with pytest.raises(SystemExit) as error:
+        evaluate.main([ref, sample])
+    assert_one_sentence(str(error.value), "evaluate.py: error:", needle)
+    assert seen == []  # the reference's Inception pass did not start
