@@ -191,7 +191,10 @@ def redo_damaged_arrays(path: str) -> str | None:
     done[:] = False
     done.flush()
     recreated = ", ".join(f"{name}.npy" for name in problems)
-    return f"the feature folder {path} was damaged ({'; '.join(problems.values())}): recreated {recreated} and cleared the done flags, so all {meta['count']} images are encoded again"
+    return (
+        f"the feature folder {path} was damaged ({'; '.join(problems.values())}): recreated {recreated} "
+        f"and cleared the done flags, so all {meta['count']} images are encoded again"
+    )
 
 
 def prepare_store(path: str, meta: dict, exists: bool) -> str | None:
@@ -284,9 +287,11 @@ def extract(args: argparse.Namespace, info) -> None:
     )
     if not shard:
         logger.info("nothing left to do: the feature folder is complete")
-        if info.is_main:
+        if info.is_main and "checksum" not in read_feature_meta(args.feature_path):  # a store made without one
             record_checksum(args.feature_path)
         return
+    if info.is_main:
+        forget_checksum(args.feature_path)  # the arrays change: a crash must not leave the old checksum
     loader = DataLoader(
         ExtractionItems(images, shard),
         batch_size=args.batch_size,
@@ -320,13 +325,18 @@ def extract(args: argparse.Namespace, info) -> None:
     logger.info(f"done: {args.feature_path} holds {len(images)} images")
 
 
-def record_checksum(path: str) -> None:
-    """Write the checksum of a complete store into its meta.json (once: a store with one keeps it)."""
+def forget_checksum(path: str) -> None:
     meta = read_feature_meta(path)
-    if "checksum" not in meta:
-        meta["checksum"] = feature_store_checksum(path)
+    if meta.pop("checksum", None) is not None:
         write_feature_meta(path, meta)
-        logger.info(f"{path} is complete: checksum {meta['checksum']}")
+
+
+def record_checksum(path: str) -> None:
+    """Write the checksum of the complete store's arrays into its meta.json."""
+    meta = read_feature_meta(path)
+    meta["checksum"] = feature_store_checksum(path)
+    write_feature_meta(path, meta)
+    logger.info(f"{path} is complete: checksum {meta['checksum']}")
 
 
 def mark_done(arrays: dict[str, np.ndarray], written: list[np.ndarray]) -> None:

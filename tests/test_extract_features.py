@@ -379,3 +379,17 @@ def test_a_folder_without_a_readable_image_is_one_sentence_before_the_store_is_m
     with pytest.raises(SystemExit, match=r"^none of the 1 image files in the data folder .*images can be read"):
         extract_features.main(extract_args(tmp_path / "images", tiny_vae_dir, tmp_path / "features"))
     assert not (tmp_path / "features").exists()
+
+
+def test_finishing_a_store_writes_the_checksum_of_its_final_arrays(tmp_path, store32, image_folder, tiny_vae_dir):
+    partial = tmp_path / "partial"
+    shutil.copytree(store32, partial)
+    arrays = open_feature_arrays(str(partial), writable=True)
+    arrays["mean"][3] = 7.0  # a row written by a killed run and not yet marked done
+    arrays["done"][3] = False
+    for array in arrays.values():
+        array.flush()
+    extract_features.main(extract_args(image_folder, tiny_vae_dir, partial, "--batch-size", "24", "--dtype", "float32"))
+    digest = hashlib.sha256(b"".join((partial / f"{name}.npy").read_bytes() for name in ("mean", "std", "labels", "done")))
+    assert json.loads((partial / "meta.json").read_text())["checksum"] == f"sha256:{digest.hexdigest()}"
+    assert not np.array_equal(open_feature_arrays(str(partial))["mean"][3], np.full_like(arrays["mean"][3], 7.0))
