@@ -10,12 +10,16 @@ Any diffusers AutoencoderKL folder works (--vae-path); the arrays take its chann
   python extract_features.py --data-path DIR --feature-path DIR            (one GPU, or the CPU)
 
 Each process encodes its share of the images not yet done; rank 0 writes them into the
-memory-mapped arrays. Rerun the same command after an interruption to continue.
+memory-mapped arrays. Rerun the same command after an interruption to continue; a rerun also
+recreates any array whose file does not match meta.json (cut short, missing) and encodes its
+images again. A complete store gets the SHA-256 of its arrays in meta.json ("checksum"): the
+identity train.py's resume compares, so a copy of the store resumes where the original would.
 """
 from __future__ import annotations
 
 import argparse
 import errno
+import logging
 import os
 import shutil
 import time
@@ -29,13 +33,17 @@ from util.data import (
     FEATURE_DTYPES,
     FEATURE_FORMAT,
     ImageDataset,
+    create_feature_array,
     create_feature_store,
     feature_autoencoder,
     feature_bytes_per_image,
+    feature_store_checksum,
+    feature_store_problems,
     feature_views,
     open_feature_arrays,
     read_feature_meta,
     vae_encoder_fingerprint,
+    write_feature_meta,
 )
 from util.files import nearest_existing, output_folder_problem, write_error_message
 from util.distributed import any_rank, barrier, cleanup_distributed, create_logger, gather_from_all, setup_distributed
@@ -46,6 +54,8 @@ MATCHING_META_KEYS = ("image_size", "dtype", "count", "classes", "vae_encoder", 
 FEATURE_FILES = ("mean.npy", "std.npy", "labels.npy", "done.npy")
 FLUSH_EVERY_BATCHES = 50
 LOG_EVERY_BATCHES = 20
+
+logger = logging.getLogger("dit")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -165,11 +175,36 @@ def preallocate(path: str) -> str | None:
     return None
 
 
+def redo_damaged_arrays(path: str) -> str | None:
+    """Recreate the arrays of the store at `path` that do not match its meta.json and clear every
+    done flag (the rows of a damaged array are lost, and a damaged done.npy says nothing), so the
+    run encodes every image again; a line saying so, or None when no array is damaged."""
+    meta = read_feature_meta(path)
+    problems = feature_store_problems(path, meta)
+    if not problems:
+        return None
+    meta.pop("checksum", None)  # the store is not complete any more
+    write_feature_meta(path, meta)
+    for name in problems:
+        create_feature_array(path, name, meta)
+    done = np.load(os.path.join(path, "done.npy"), mmap_mode="r+")  # its size is checked (or it was just made)
+    done[:] = False
+    done.flush()
+    recreated = ", ".join(f"{name}.npy" for name in problems)
+    return (
+        f"the feature folder {path} was damaged ({'; '.join(problems.values())}): recreated {recreated} "
+        f"and cleared the done flags, so all {meta['count']} images are encoded again"
+    )
+
+
 def prepare_store(path: str, meta: dict, exists: bool) -> str | None:
-    """Create the store (unless it exists) and reserve its disk space; a sentence on failure."""
+    """Create the store (unless it exists; then redo its damaged arrays) and reserve its disk
+    space; a sentence on failure."""
     try:
         if not exists:
             create_feature_store(path, meta)
+        elif note := redo_damaged_arrays(path):
+            logger.warning(note)
     except OSError as error:
         return write_error_message(error, path, "create the feature folder") or f"cannot create the feature folder {path} ({error})"
     return preallocate(path)
@@ -211,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def extract(args: argparse.Namespace, info) -> None:
-    logger = create_logger(None, info.rank)
+    create_logger(None, info.rank)
     try:
         images = ImageDataset(args.data_path, args.image_size)
     except ValueError as error:
@@ -252,7 +287,11 @@ def extract(args: argparse.Namespace, info) -> None:
     )
     if not shard:
         logger.info("nothing left to do: the feature folder is complete")
+        if info.is_main and "checksum" not in read_feature_meta(args.feature_path):  # a store made without one
+            record_checksum(args.feature_path)
         return
+    if info.is_main:
+        forget_checksum(args.feature_path)  # the arrays change: a crash must not leave the old checksum
     loader = DataLoader(
         ExtractionItems(images, shard),
         batch_size=args.batch_size,
@@ -281,8 +320,23 @@ def extract(args: argparse.Namespace, info) -> None:
         unreadable = int(np.count_nonzero(np.array(arrays["labels"]) < 0))
         if unreadable:
             logger.info(f"{unreadable} unreadable images are marked with label -1 and skipped in training")
+        record_checksum(args.feature_path)
     barrier()
     logger.info(f"done: {args.feature_path} holds {len(images)} images")
+
+
+def forget_checksum(path: str) -> None:
+    meta = read_feature_meta(path)
+    if meta.pop("checksum", None) is not None:
+        write_feature_meta(path, meta)
+
+
+def record_checksum(path: str) -> None:
+    """Write the checksum of the complete store's arrays into its meta.json."""
+    meta = read_feature_meta(path)
+    meta["checksum"] = feature_store_checksum(path)
+    write_feature_meta(path, meta)
+    logger.info(f"{path} is complete: checksum {meta['checksum']}")
 
 
 def mark_done(arrays: dict[str, np.ndarray], written: list[np.ndarray]) -> None:

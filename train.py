@@ -36,7 +36,9 @@ from util.flags import (
 )
 from util.precision import setup_precision
 from util.pretrained import PRETRAINED_MODELS
-from util.resume import experiment_name, open_resume_checkpoint, restore_rng_state, restore_run, tidy_resumed_folder
+from util.resume import (
+    ResumeError, data_differences, experiment_name, open_resume_checkpoint, restore_rng_state, restore_run, tidy_resumed_folder,
+)
 from util.run_outputs import log_metrics, save_training_checkpoint
 from util.run_state import Run, TrainState, build_run, micro_batch_size
 from util.sample_grids import save_samples
@@ -93,6 +95,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="fused: scaled_dot_product_attention; plain: the written-out formula (faster for bf16 training on CPUs)",
     )
     parser.add_argument("--resume", type=str, default=None, help="a checkpoint to continue, or 'auto' for the newest one that loads")
+    parser.add_argument(
+        "--accept-changed-data", action="store_true",
+        help="resume even though the data differs from the checkpoint's (other files, another number of images); "
+        "the log records what changed (off: such a resume is refused)",
+    )
     parser.add_argument(
         "--init-from", type=str, default=None,
         help="fine-tune: start from the model and EMA weights of a checkpoint path or a released name "
@@ -172,6 +179,34 @@ def open_dataset(args: argparse.Namespace) -> FeatureDataset | ImageDataset:
     if len(dataset) < args.global_batch_size:
         raise SystemExit(f"the dataset has {len(dataset)} images, fewer than --global-batch-size {args.global_batch_size}")
     return dataset
+
+
+def resume_refusal(error: ValueError) -> str:
+    """The sentence of a refused resume, with the flag that accepts changed data when only the data differs."""
+    if isinstance(error, ResumeError) and error.data_only:
+        return f"{error}, or pass --accept-changed-data to continue on the data as it is now"
+    return str(error)
+
+
+def continue_on_changed_data(
+    args: argparse.Namespace, checkpoint: dict, dataset: FeatureDataset | ImageDataset, state: TrainState
+) -> TrainState:
+    """With --accept-changed-data, log how the data differs from the checkpoint's. A dataset of
+    another size has another data order, so the resumed run starts the next epoch."""
+    if not args.accept_changed_data:
+        return state
+    changes = data_differences(checkpoint, args, len(dataset), dataset.fingerprint())
+    if not changes:
+        logger.info("--accept-changed-data: the data is the checkpoint's, nothing changed")
+        return state
+    logger.info(f"--accept-changed-data: continuing on other data than the checkpoint was trained with: {', '.join(changes)}")
+    if checkpoint["dataset_size"] != len(dataset) and state.epoch_step:
+        logger.info(
+            f"epoch {state.epoch} ends at step {state.step} (its order was drawn for {checkpoint['dataset_size']} images): "
+            f"step {state.step + 1} starts epoch {state.epoch + 1}"
+        )
+        state = replace(state, epoch=state.epoch + 1, epoch_step=0)
+    return state
 
 
 def check_feature_vae(args: argparse.Namespace, dataset: FeatureDataset, autoencoder: Autoencoder) -> None:
@@ -301,13 +336,14 @@ def set_up(args: argparse.Namespace, info: DistInfo) -> tuple[Run, TrainState, D
     latent = check_patch_grid(args, autoencoder)
     notes = [precision_note] if precision_note else []
     try:
-        checkpoint, resume_path = open_resume_checkpoint(args, len(dataset), notes)
+        checkpoint, resume_path = open_resume_checkpoint(args, len(dataset), notes, dataset.fingerprint())
     except CheckpointError as error:
         raise SystemExit(error.with_flag("--resume PATH")) from None
     except ValueError as error:
-        raise SystemExit(str(error)) from None
+        raise SystemExit(resume_refusal(error)) from None
 
     run = build_run(args, info, len(dataset), autoencoder.channels, latent)
+    run.data_fingerprint = dataset.fingerprint()
     fine_tune = args.init_from is not None and checkpoint is None
     initial = fitted_initial_weights(run, args.init_from, autoencoder) if fine_tune else None
     run.experiment_dir = experiment_folder(args, resume_path, info.is_main)
@@ -323,6 +359,7 @@ def set_up(args: argparse.Namespace, info: DistInfo) -> tuple[Run, TrainState, D
         init_from(run, args.init_from, *initial)
     if checkpoint is not None:
         state = restore_run(run, checkpoint, resume_path)
+        state = continue_on_changed_data(args, checkpoint, dataset, state)
         if info.is_main:
             tidy_resumed_folder(run.experiment_dir, state.step)
         restore_rng_state(checkpoint, state.step, info, args.global_seed)  # after everything that draws numbers

@@ -1,16 +1,22 @@
 """util/data.py: the resumable sampler, the image folder that skips unreadable files, the feature store."""
 from __future__ import annotations
 
+import hashlib
+import os
+import shutil
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from torch.utils.data import DistributedSampler
+from torchvision.datasets import ImageFolder
 
 from conftest import make_image_folder
 from util.data import (
     EpochSampler,
     FeatureDataset,
+    FeatureStoreError,
     ImageDataset,
     create_feature_store,
     feature_autoencoder,
@@ -203,3 +209,92 @@ def test_no_flip_gives_the_unmirrored_images(tmp_path):
         unflipped = flipping[(index, 0)][0]
         assert torch.equal(plain[(index, 1)][0], unflipped) and torch.equal(plain[(index, 0)][0], unflipped)
         assert torch.equal(flipping[(index, 1)][0], unflipped.flip(-1)) and not torch.equal(unflipped.flip(-1), unflipped)
+
+
+def break_files(folder, count: int, source) -> None:
+    """`count` files broken_NNN.png in `folder`, each the first 50 bytes of `source` (a partial copy, as `head -c 50`)."""
+    head = source.read_bytes()[:50]
+    for i in range(count):
+        (folder / f"broken_{i:03d}.png").write_bytes(head)
+
+
+def test_a_run_of_105_unreadable_images_is_replaced_by_the_next_readable_one_alike_everywhere(tmp_path):
+    root = make_image_folder(tmp_path / "images", classes=3, per_class=4)
+    break_files(root / "class_1", 105, root / "class_1" / "img_0.png")  # sorted before class_1's images
+    dataset = ImageDataset(str(root), 32)
+    names = [os.path.basename(path) for path, _ in dataset.samples]
+    assert names[4:109] == [f"broken_{i:03d}.png" for i in range(105)] and names[109] == "img_0.png"
+    pixels, label, skipped = dataset[(4, 0)]
+    assert (label, skipped) == (1, 105) and torch.equal(pixels, dataset.load(109))
+    # A fresh dataset (another rank, a resumed run) makes the same replacement for every item.
+    other = ImageDataset(str(root), 32)
+    for index in reversed(range(len(other))):
+        theirs, ours = other[(index, 1)], dataset[(index, 1)]
+        assert theirs[1:] == ours[1:] and torch.equal(theirs[0], ours[0])
+    assert dataset[(60, 0)][2] == 109 - 60
+
+
+def test_unreadable_images_at_the_end_wrap_around_to_the_first(tmp_path):
+    root = make_image_folder(tmp_path / "images", classes=1, per_class=2)
+    break_files(root / "class_0", 3, root / "class_0" / "img_0.png")
+    for i in range(3):  # renamed to sort last
+        os.rename(root / "class_0" / f"broken_{i:03d}.png", root / "class_0" / f"x_broken_{i}.png")
+    dataset = ImageDataset(str(root), 32)
+    pixels, _, skipped = dataset[(2, 0)]
+    assert skipped == 3 and torch.equal(pixels, dataset.load(0))
+
+
+def test_a_folder_without_a_readable_image_is_one_sentence(tmp_path):
+    folder = tmp_path / "images" / "class_0"
+    folder.mkdir(parents=True)
+    for name in ("a.png", "b.jpg"):
+        (folder / name).write_bytes(b"\x89PNG partial")
+    with pytest.raises(ValueError, match=r"^none of the 2 image files in the data folder .*images can be read \(the first, .*a.png: "):
+        ImageDataset(str(tmp_path / "images"), 32)
+
+
+def test_a_folder_link_loop_is_one_sentence(tmp_path):
+    root = make_image_folder(tmp_path / "images", classes=2, per_class=2)
+    os.symlink("..", root / "class_1" / "up")  # class_1/up/class_1/up/... back to the root
+    listed = [path for path, label in ImageFolder(str(root)).samples if label == 1]
+    assert len(listed) > 20  # torchvision follows the link until the system gives up
+    with pytest.raises(ValueError, match=r"^the data folder .*images lists the folder .*class_0 again as .*class_1/up/class_0 \(a folder link loops back into the tree\); remove that link$"):
+        ImageDataset(str(root), 32)
+
+
+def test_the_image_fingerprint_is_the_file_list_with_sizes(tmp_path):
+    root = make_image_folder(tmp_path / "images", classes=2, per_class=2)
+    fingerprint = ImageDataset(str(root), 32).fingerprint()
+    files = sorted(f"{path.relative_to(root)}\t{path.stat().st_size}\n" for path in root.rglob("*.png"))
+    assert fingerprint == "files-sha256:" + hashlib.sha256("".join(files).encode()).hexdigest()
+    shutil.copytree(root, tmp_path / "copy")
+    os.symlink(root, tmp_path / "link")
+    assert ImageDataset(str(tmp_path / "copy"), 32).fingerprint() == ImageDataset(str(tmp_path / "link"), 32).fingerprint() == fingerprint
+    (root / "class_0" / "img_1.png").write_bytes((root / "class_0" / "img_1.png").read_bytes() + b"\0")
+    assert ImageDataset(str(root), 32).fingerprint() != fingerprint
+    os.rename(tmp_path / "copy" / "class_0" / "img_1.png", tmp_path / "copy" / "class_0" / "img_9.png")
+    assert ImageDataset(str(tmp_path / "copy"), 32).fingerprint() != fingerprint
+
+
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (lambda path: os.truncate(path / "mean.npy", 500), r"mean.npy is 500 bytes long, not 896 \(cut short\)"),
+        (lambda path: open(path / "std.npy", "ab").write(b"\0" * 8), r"std.npy is 904 bytes long, not 896 \(too long\)"),
+        (lambda path: os.remove(path / "labels.npy"), r"labels.npy is missing"),
+        (lambda path: np.save(path / "done.npy", np.zeros(4, bool)), r"done.npy holds a bool array of shape \(4,\), not bool \(3,\)"),
+        (lambda path: (path / "mean.npy").write_bytes(b"garbage"), r"mean.npy has no valid .npy header \(EOF: .*\)"),
+    ],
+)
+def test_a_damaged_store_is_refused_naming_the_file_before_any_array_is_mapped(tmp_path, damage, message):
+    meta = {"count": 3, "latent_size": 4, "dtype": "float16", "image_size": 32, "classes": ["a"]}
+    complete_store(tmp_path, meta)
+    # mean and std: a 128-byte header, then 3 images x 2 views x 4 channels x 4 x 4 float16 values.
+    assert os.path.getsize(tmp_path / "mean.npy") == 128 + 3 * 2 * 4 * 4 * 4 * 2 == 896
+    damage(tmp_path)
+    sizes = {name: os.path.getsize(tmp_path / name) for name in os.listdir(tmp_path)}
+    with pytest.raises(FeatureStoreError, match=rf"^the feature folder .* is damaged: {message}; rerun extract_features.py with the same arguments"):
+        FeatureDataset(str(tmp_path))
+    with pytest.raises(FeatureStoreError, match=message):
+        open_feature_arrays(str(tmp_path), writable=True)
+    assert {name: os.path.getsize(tmp_path / name) for name in os.listdir(tmp_path)} == sizes  # nothing extended

@@ -5,6 +5,7 @@ the bytes needed, before any image is encoded (a memory map on a full disk dies 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -335,3 +336,60 @@ def test_bad_flags_are_one_sentence(tmp_path, image_folder, tiny_vae_dir, monkey
     monkeypatch.setattr(extract_features, "setup_distributed", no_vae)  # refused before any set-up
     with pytest.raises(SystemExit, match=rf"^{message}$"):
         extract_features.main(args)
+
+
+def test_a_complete_store_records_the_checksum_of_its_arrays(store32):
+    digest = hashlib.sha256()
+    for name in ("mean", "std", "labels", "done"):
+        digest.update((store32 / f"{name}.npy").read_bytes())
+    meta = json.loads((store32 / "meta.json").read_text())
+    assert meta["checksum"] == f"sha256:{digest.hexdigest()}" == FeatureDataset(str(store32)).fingerprint()
+
+
+@pytest.mark.slow
+def test_a_cut_short_store_is_refused_by_training_and_redone_by_extraction(tmp_path, tiny_vae_dir, capsys):
+    data = make_image_folder(tmp_path / "images", classes=3, per_class=80)  # 240 images
+    features = tmp_path / "features"
+    args = extract_args(data, tiny_vae_dir, features, "--batch-size", "48")
+    extract_features.main(args)
+    shutil.copytree(features, tmp_path / "original")
+    os.truncate(features / "mean.npy", 100_000)  # as `truncate -s 100000 mean.npy`: 142 of the 240 means cut off
+    train_args = ["--feature-path", str(features), "--vae-path", str(tiny_vae_dir), "--results-dir", str(tmp_path / "results"),
+                  *TINY, "--max-steps", "1"]
+    with pytest.raises(SystemExit, match=r"^the feature folder .*features is damaged: mean.npy is 100,000 bytes long, not 245,888 \(cut short\); rerun extract_features.py with the same arguments to redo the damaged arrays$"):
+        train.main(train_args)
+    assert os.path.getsize(features / "mean.npy") == 100_000 and not (tmp_path / "results").exists()
+
+    capsys.readouterr()
+    extract_features.main(args)
+    log = capsys.readouterr().err
+    assert "mean.npy is 100,000 bytes long, not 245,888 (cut short)): recreated mean.npy and cleared the done flags, so all 240 images are encoded again" in log
+    assert "240 images in" in log and "240 to encode" in log
+    redone, original = open_feature_arrays(str(features)), open_feature_arrays(str(tmp_path / "original"))
+    for name in ("mean", "std", "labels", "done"):  # the same batches as the first extraction: the same numbers
+        assert np.array_equal(redone[name], original[name]), name
+    assert json.loads((features / "meta.json").read_text())["checksum"] == json.loads((tmp_path / "original" / "meta.json").read_text())["checksum"]
+    train.main(train_args)
+    assert (tmp_path / "results" / "000-DiT-S-8" / "checkpoints" / "0000001.pt").exists()
+
+
+def test_a_folder_without_a_readable_image_is_one_sentence_before_the_store_is_made(tmp_path, tiny_vae_dir):
+    (tmp_path / "images" / "class_0").mkdir(parents=True)
+    (tmp_path / "images" / "class_0" / "a.png").write_bytes(b"\x89PNG")
+    with pytest.raises(SystemExit, match=r"^none of the 1 image files in the data folder .*images can be read"):
+        extract_features.main(extract_args(tmp_path / "images", tiny_vae_dir, tmp_path / "features"))
+    assert not (tmp_path / "features").exists()
+
+
+def test_finishing_a_store_writes_the_checksum_of_its_final_arrays(tmp_path, store32, image_folder, tiny_vae_dir):
+    partial = tmp_path / "partial"
+    shutil.copytree(store32, partial)
+    arrays = open_feature_arrays(str(partial), writable=True)
+    arrays["mean"][3] = 7.0  # a row written by a killed run and not yet marked done
+    arrays["done"][3] = False
+    for array in arrays.values():
+        array.flush()
+    extract_features.main(extract_args(image_folder, tiny_vae_dir, partial, "--batch-size", "24", "--dtype", "float32"))
+    digest = hashlib.sha256(b"".join((partial / f"{name}.npy").read_bytes() for name in ("mean", "std", "labels", "done")))
+    assert json.loads((partial / "meta.json").read_text())["checksum"] == f"sha256:{digest.hexdigest()}"
+    assert not np.array_equal(open_feature_arrays(str(partial))["mean"][3], np.full_like(arrays["mean"][3], 7.0))

@@ -262,3 +262,56 @@ def test_pixel_space_run_resumes_bitwise(tmp_path, image_folder, one_thread):
     assert_state_dicts_equal(ours["model"], reference["model"])
     assert_state_dicts_equal(ours["ema"], reference["ema"])
     assert [m["loss"] for m in read_metrics(parts)] == [m["loss"] for m in read_metrics(whole)]
+
+
+@pytest.mark.slow
+def test_a_staged_copy_or_a_link_of_the_images_resumes_and_other_images_are_refused(tmp_path, three_checkpoints, image_folder, tiny_vae_dir):
+    saved = torch.load(three_checkpoints / "000-DiT-S-8" / "checkpoints" / "0000006.pt", weights_only=True)
+    assert list(saved)[:4] == ["model", "ema", "opt", "args"] and saved["data_fingerprint"].startswith("files-sha256:")
+    staged = tmp_path / "scratch" / "job" / "images"
+    shutil.copytree(image_folder, staged)  # as `cp -r` to a job's scratch disk
+    link = tmp_path / "link"
+    os.symlink(image_folder, link)
+    resumed = []
+    for data_path in (staged, link):
+        results = tmp_path / f"results-{data_path.name}"
+        shutil.copytree(three_checkpoints, results)
+        train.main(train_args(data_path, tiny_vae_dir, results, "--resume", "auto", "--max-steps", "7", "--log-every", "1"))
+        experiment = results / "000-DiT-S-8"
+        assert f"resuming from {experiment}/checkpoints/0000006.pt at step 6" in (experiment / "log.txt").read_text()
+        resumed.append(experiment / "checkpoints" / "0000007.pt")
+    assert_same_training_state(*resumed)
+
+    other = make_image_folder(tmp_path / "other_images", seed=1)  # the same file names, other images
+    with pytest.raises(SystemExit, match=rf"^cannot resume from .*0000007.pt: it was trained with --data-path {staged} \(now {other}\); resume with the same settings, or pass --accept-changed-data to continue on the data as it is now$"):
+        train.main(train_args(other, tiny_vae_dir, tmp_path / "results-images", "--resume", "auto", "--max-steps", "8"))
+
+
+@pytest.mark.slow
+def test_a_checkpoint_without_a_data_fingerprint_compares_the_path(tmp_path, three_checkpoints, image_folder, tiny_vae_dir):
+    results = tmp_path / "results"
+    shutil.copytree(three_checkpoints, results)
+    path = results / "000-DiT-S-8" / "checkpoints" / "0000006.pt"
+    older = torch.load(path, weights_only=True)
+    del older["data_fingerprint"]
+    save_checkpoint(older, str(path))
+    staged = tmp_path / "staged"
+    shutil.copytree(image_folder, staged)
+    with pytest.raises(SystemExit, match=rf"^cannot resume from {path}: it was trained with --data-path {image_folder} \(now {staged}\); resume with the same settings, or pass --accept-changed-data"):
+        train.main(train_args(staged, tiny_vae_dir, results, "--resume", "auto", "--max-steps", "7"))
+    train.main(train_args(image_folder, tiny_vae_dir, results, "--resume", "auto", "--max-steps", "7"))
+    assert (path.parent / "0000007.pt").exists()
+
+
+@pytest.mark.slow
+def test_a_copy_of_a_feature_store_resumes(tmp_path, store32, tiny_vae_dir):
+    def args(features: Path) -> list[str]:
+        return ["--feature-path", str(features), "--vae-path", str(tiny_vae_dir), "--results-dir", str(tmp_path / "results"),
+                *TINY, "--log-every", "1", "--resume", "auto"]
+
+    train.main([*args(store32), "--max-steps", "2"])
+    staged = tmp_path / "scratch" / "features"
+    shutil.copytree(store32, staged)
+    train.main([*args(staged), "--max-steps", "3"])
+    experiment = tmp_path / "results" / "000-DiT-S-8"
+    assert "resuming from" in (experiment / "log.txt").read_text() and [m["step"] for m in read_metrics(experiment)] == [1, 2, 3]

@@ -507,3 +507,37 @@ def test_a_pixel_space_checkpoint_samples_with_only_its_path(tmp_path, image_fol
     with np.load(npz) as arrays:
         assert arrays["arr_0"].shape == (3, 32, 32, 3) and arrays["arr_1"].shape == (3,)
         assert set(arrays["arr_1"].tolist()) <= {0, 1, 2}  # the checkpoint's 3 classes
+
+
+@pytest.mark.slow
+def test_a_class_of_105_unreadable_files_trains_resumes_and_accepts_their_removal(tmp_path, tiny_vae_dir):
+    data = make_image_folder(tmp_path / "images")
+    head = (data / "class_1" / "img_0.png").read_bytes()[:50]
+    for i in range(105):  # a partial copy: `head -c 50 img.png`, listed before class_1's images
+        (data / "class_1" / f"broken_{i:03d}.png").write_bytes(head)
+    args = train_args(data, tiny_vae_dir, tmp_path / "results", "--log-every", "1", "--ckpt-every", "2", "--resume", "auto")
+    train.main([*args, "--max-steps", "2"])
+    train.main([*args, "--max-steps", "4"])
+    experiment = tmp_path / "results" / "000-DiT-S-8"
+    metrics = read_metrics(experiment)
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert metrics[1]["skipped_images"] > 0 and metrics[3]["skipped_images"] > 0  # each process counts its own
+
+    for broken in (data / "class_1").glob("broken_*.png"):
+        broken.unlink()
+    with pytest.raises(SystemExit, match=r"^cannot resume from .*0000004.pt: it was trained with --data-path .*images as it was then \(its files differ now\), a dataset of 129 images \(now 24\); resume with the same settings, or pass --accept-changed-data to continue on the data as it is now$"):
+        train.main([*args, "--max-steps", "5"])
+    train.main([*args, "--max-steps", "5", "--accept-changed-data"])
+    log = (experiment / "log.txt").read_text()
+    assert "--accept-changed-data: continuing on other data than the checkpoint was trained with: --data-path" in log
+    assert "a dataset of 129 images (now 24)" in log and "step 5 starts epoch 1" in log
+    last = read_metrics(experiment)[-1]
+    assert (last["step"], last["skipped_images"]) == (5, 0)
+
+
+def test_a_folder_of_no_readable_image_is_one_sentence_before_any_folder(tmp_path, tiny_vae_dir):
+    (tmp_path / "images" / "class_0").mkdir(parents=True)
+    (tmp_path / "images" / "class_0" / "a.png").write_bytes(b"\x89PNG")
+    with pytest.raises(SystemExit, match=r"^none of the 1 image files in the data folder .*images can be read \(the first, .*a.png: "):
+        train.main(train_args(tmp_path / "images", tiny_vae_dir, tmp_path / "results"))
+    assert not (tmp_path / "results").exists()

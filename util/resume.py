@@ -29,7 +29,12 @@ logger = logging.getLogger("dit")
 
 
 class ResumeError(ValueError):
-    """A checkpoint that cannot continue this run, in one sentence."""
+    """A checkpoint that cannot continue this run, in one sentence; `data_only` when nothing but
+    the data differs."""
+
+    def __init__(self, message: str, data_only: bool = False):
+        super().__init__(message)
+        self.data_only = data_only
 
 
 def experiment_name(model: str) -> str:
@@ -48,31 +53,46 @@ def setting_differences(saved: dict, current: dict, keys: tuple[str, ...]) -> li
     ]
 
 
-def data_differences(saved: dict, args: argparse.Namespace) -> list[str]:
-    """'--data-path saved (now current)' when a checkpoint was trained on another image folder or feature store."""
+def data_differences(checkpoint: dict, args: argparse.Namespace, dataset_size: int, fingerprint: str | None) -> list[str]:
+    """What differs between the data a checkpoint was trained on and this run's data.
+
+    The image folder or feature store is compared by content (the datasets' fingerprint(), which
+    the checkpoint records) when both have a fingerprint, so a copy or a link resumes; by path
+    for checkpoints without one. Also compares the number of images."""
+    saved, saved_fingerprint = checkpoint["args"], checkpoint.get("data_fingerprint")
     differences = []
     for key in ("data_path", "feature_path"):
         before, now = saved.get(key), getattr(args, key)
-        if (before and os.path.abspath(before)) != (now and os.path.abspath(now)):
-            differences.append(f"--{key.replace('_', '-')} {before} (now {now})")
+        flag, same_path = f"--{key.replace('_', '-')}", (before and os.path.abspath(before)) == (now and os.path.abspath(now))
+        if before and now and saved_fingerprint and fingerprint:
+            if saved_fingerprint != fingerprint:
+                differences.append(f"{flag} {before} as it was then (its files differ now)" if same_path else f"{flag} {before} (now {now})")
+        elif not same_path:
+            differences.append(f"{flag} {before} (now {now})")
+    if checkpoint["dataset_size"] != dataset_size:
+        differences.append(f"a dataset of {checkpoint['dataset_size']} images (now {dataset_size})")
     return differences
 
 
-def check_resumable(checkpoint: dict, path: str, args: argparse.Namespace, dataset_size: int) -> None:
+def check_resumable(
+    checkpoint: dict, path: str, args: argparse.Namespace, dataset_size: int, fingerprint: str | None = None
+) -> None:
     """Raise ResumeError unless `checkpoint` continues this run's settings. The number of
-    processes and the accumulation split may change: only the global batch decides the data order."""
+    processes and the accumulation split may change: only the global batch decides the data order.
+    Changed data passes when args.accept_changed_data is set."""
     missing = missing_entries(checkpoint, RESUME_KEYS)
     if missing:
         raise ResumeError(f"{path} is not a train.py checkpoint that can be resumed (it lacks {', '.join(missing)})")
     differences = setting_differences({**SETTING_DEFAULTS, **checkpoint["args"]}, vars(args), RESUME_MATCHING_ARGS)
-    differences += data_differences(checkpoint["args"], args)
     saved_null_label = checkpoint["args"].get("class_dropout_prob", 0.1) > 0  # older checkpoints: the default
     if saved_null_label != (args.class_dropout_prob > 0):
         differences.append(f"{'a' if saved_null_label else 'no'} null label (--class-dropout-prob {args.class_dropout_prob} now)")
-    if checkpoint["dataset_size"] != dataset_size:
-        differences.append(f"a dataset of {checkpoint['dataset_size']} images (now {dataset_size})")
-    if differences:
-        raise ResumeError(f"cannot resume from {path}: it was trained with {', '.join(differences)}; resume with the same settings")
+    data = [] if args.accept_changed_data else data_differences(checkpoint, args, dataset_size, fingerprint)
+    if differences or data:
+        raise ResumeError(
+            f"cannot resume from {path}: it was trained with {', '.join(differences + data)}; resume with the same settings",
+            data_only=not differences,
+        )
 
 
 def checkpoints_newest_first(results_dir: str, name: str) -> list[str]:
@@ -110,7 +130,9 @@ def load_newest_good_checkpoint(
     return None
 
 
-def open_resume_checkpoint(args: argparse.Namespace, dataset_size: int, notes: list[str]) -> tuple[dict | None, str | None]:
+def open_resume_checkpoint(
+    args: argparse.Namespace, dataset_size: int, notes: list[str], fingerprint: str | None = None
+) -> tuple[dict | None, str | None]:
     """The checkpoint that args.resume names (checked against the settings) and its path, or (None, None).
 
     "auto" takes the newest checkpoint of the model that loads: one that a crash left damaged is
@@ -124,7 +146,7 @@ def open_resume_checkpoint(args: argparse.Namespace, dataset_size: int, notes: l
     if found is None:
         return None, None
     path, checkpoint = found
-    check_resumable(checkpoint, path, args, dataset_size)
+    check_resumable(checkpoint, path, args, dataset_size, fingerprint)
     return checkpoint, path
 
 
@@ -194,6 +216,7 @@ def training_checkpoint(run: Run, state: TrainState, rng: list[dict]) -> dict:
         "grad_accum_steps": run.args.grad_accum_steps,  # the split of the global batch
         "micro_batch_size": micro_batch_size(run.args, run.info.world_size),
         "dataset_size": run.dataset_size,
+        "data_fingerprint": run.data_fingerprint,  # compared on resume instead of the data's path
         "rng": rng,
         "scaler": run.scaler.state_dict(),  # {} unless fp16
     }

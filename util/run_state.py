@@ -52,6 +52,7 @@ class Run:
     scaler: torch.amp.GradScaler
     experiment_dir: str | None = None  # rank 0's; made once the settings and weights are checked
     tensorboard: SummaryWriter | None = None  # rank 0's, when TensorBoard events are asked for
+    data_fingerprint: str | None = None  # the dataset's fingerprint(), recorded in every checkpoint
 
 
 def micro_batch_size(args: argparse.Namespace, world_size: int) -> int:
