@@ -73,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ckpt-every", type=int, default=50_000, help="steps between checkpoints (a stop signal also writes one)")
     parser.add_argument(
         "--keep-last", type=int, default=None,
-        help="keep only the newest N checkpoints of the run, deleting older ones after each new one is written (default: keep all)",
+        help="keep only the newest N checkpoints of the run, deleting older ones once a new one is written (unset: keep all)",
     )
     parser.add_argument("--sample-every", type=int, default=0, help="save an EMA sample grid every N steps (0: never)")
     parser.add_argument("--sample-steps", type=int, default=50, help="DDPM steps for the sample grids")
