@@ -29,9 +29,10 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from util.distributed import all_gather_objects, barrier, cleanup_distributed, setup_distributed
+from util.checkpoints import content_digest
+from util.distributed import DistInfo, all_gather_objects, barrier, cleanup_distributed, setup_distributed
 from util.images import to_uint8
-from util.files import atomic_open, output_folder_problem
+from util.files import WriteError, atomic_open, one_sentence_write_errors, output_folder_problem
 from util.flags import (
     CHECKPOINT_FLAGS,
     add_compile_flag,
@@ -52,6 +53,9 @@ from util.sampling import SETUP_ERRORS, Sampler, compile_for_sampling, denoise, 
 from util.vae import Autoencoder
 
 SETTINGS_FILE = "sampling_settings.json"
+# The settings' entry that names the weights by content (util.checkpoints.content_digest of the
+# model's state dict), so that other weights behind the same --ckpt path are told apart.
+FINGERPRINT = "weights_fingerprint"
 # The flags that decide the pixels: a folder's PNGs are only reused when all of them agree.
 RECIPE = (
     "model", "ckpt", "image_size", "num_classes", "vae", "vae_path", "cfg_scale", "cfg_all_eps_channels",
@@ -122,22 +126,25 @@ def recipe(args: argparse.Namespace) -> dict:
     return settings
 
 
-def check_settings(folder: str, args: argparse.Namespace, is_main: bool) -> None:
-    """Refuse to add to a folder sampled with other settings; record them in a new one."""
+def check_settings(folder: str, args: argparse.Namespace, fingerprint: str, is_main: bool) -> None:
+    """Refuse to add to a folder sampled with other settings or other weights; record both in a
+    new one. The weights are compared by content, so the same weights at another path are
+    accepted; folders that record no fingerprint compare the checkpoint's path instead."""
     path = os.path.join(folder, SETTINGS_FILE)
     wanted = recipe(args)
     if os.path.isfile(path):
         with open(path) as f:
             found = json.load(f)
-        differ = [f"{key} {found.get(key)!r} there, {wanted[key]!r} now" for key in RECIPE if found.get(key) != wanted[key]]
+        compared = [key for key in RECIPE if key != "ckpt" or FINGERPRINT not in found]
+        differ = [f"{key} {found.get(key)!r} there, {wanted[key]!r} now" for key in compared if found.get(key) != wanted[key]]
+        other = "settings" if differ else "weights"
+        if found.get(FINGERPRINT, fingerprint) != fingerprint:
+            differ.append(f"weights of content {found[FINGERPRINT]} there, {fingerprint} now in {args.ckpt}")
         if differ:
-            raise ValueError(
-                f"{folder} holds samples made with other settings ({'; '.join(differ)}); "
-                f"pass another --sample-dir or remove the folder"
-            )
+            raise ValueError(f"{folder} holds samples made with other {other} ({'; '.join(differ)}); pass another --sample-dir or remove the folder")
     elif is_main:  # written whole, so that the other processes never read half a file
-        with atomic_open(path) as f:
-            json.dump(wanted, f, indent=2)
+        with one_sentence_write_errors(path, "write"), atomic_open(path) as f:
+            json.dump({**wanted, FINGERPRINT: fingerprint}, f, indent=2)
 
 
 def png_path(folder: str, index: int) -> str:
@@ -225,7 +232,7 @@ def sample_block(
 
 def save_png(pixels: np.ndarray, path: str) -> None:
     """Write through a temporary file so that a killed run leaves no half-written PNG."""
-    with atomic_open(path, "wb") as f:
+    with one_sentence_write_errors(path, "write"), atomic_open(path, "wb") as f:
         Image.fromarray(pixels).save(f, format="PNG")
 
 
@@ -240,7 +247,7 @@ def write_npz(folder: str, num_samples: int, image_size: int, labels: np.ndarray
     ADM's labelled reference batches."""
     path = f"{folder}.npz"
     header = {"descr": "|u1", "fortran_order": False, "shape": (num_samples, image_size, image_size, 3)}
-    with atomic_open(path, "wb") as file, zipfile.ZipFile(file, "w") as archive:
+    with one_sentence_write_errors(path, "write"), atomic_open(path, "wb") as file, zipfile.ZipFile(file, "w") as archive:
         with archive.open(npz_entry("arr_0.npy"), "w", force_zip64=True) as f:
             np.lib.format.write_array_header_1_0(f, header)
             for index in tqdm(range(num_samples), desc="writing .npz", unit="img"):
@@ -251,31 +258,8 @@ def write_npz(folder: str, num_samples: int, image_size: int, labels: np.ndarray
     return path
 
 
-def main(argv: list[str] | None = None) -> None:
-    args, given = parse_args(argv)
-    info = setup_distributed()
-    try:
-        check_args(args)
-        # The concrete precision, not `auto`, goes into the recipe: it decides the pixels.
-        args.precision, message = setup_precision(args.precision, info.device)
-        if message and info.is_main:
-            print(message, file=sys.stderr)
-        sampler = sampler_from_flags(args)
-        model, autoencoder = load_model(args, given, info.device)
-        # The scale in effect goes into the recipe and the folder name: the pixels follow it.
-        message = guidance_note(model, args.cfg_scale)
-        if message and info.is_main:
-            print(message, file=sys.stderr)
-        args.cfg_scale = guidance_scale(model, args.cfg_scale)
-        if args.compile:
-            compile_for_sampling(model)
-        folder = sample_folder(args)
-        os.makedirs(folder, exist_ok=True)
-        check_settings(folder, args, info.is_main)
-    except SETUP_ERRORS as error:
-        cleanup_distributed()
-        sys.exit(f"sample_ddp.py: error: {error}")
-
+def write_samples(model: DiT, sampler: Sampler, autoencoder: Autoencoder, folder: str, args: argparse.Namespace, info: DistInfo) -> None:
+    """The missing PNGs of the folder, shared out over the processes; then rank 0 writes the .npz."""
     missing = missing_indices(folder, args.num_fid_samples, args.image_size, info.rank, info.world_size)
     per_turn = -(-args.per_proc_batch_size // args.micro_batch_size)
     my_blocks = deal_blocks(missing, args.micro_batch_size, per_turn, info.rank, info.world_size)
@@ -295,6 +279,39 @@ def main(argv: list[str] | None = None) -> None:
         labels = image_labels(args.global_seed, args.num_fid_samples, latent_shape, args.num_classes)
         path = write_npz(folder, args.num_fid_samples, args.image_size, labels)
         print(f"saved {path} with arr_0 of shape ({args.num_fid_samples}, {args.image_size}, {args.image_size}, 3) and its labels as arr_1")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, given = parse_args(argv)
+    info = setup_distributed()
+    try:
+        check_args(args)
+        # The concrete precision, not `auto`, goes into the recipe: it decides the pixels.
+        args.precision, message = setup_precision(args.precision, info.device)
+        if message and info.is_main:
+            print(message, file=sys.stderr)
+        sampler = sampler_from_flags(args)
+        model, autoencoder = load_model(args, given, info.device)
+        # The scale in effect goes into the recipe and the folder name: the pixels follow it.
+        message = guidance_note(model, args.cfg_scale)
+        if message and info.is_main:
+            print(message, file=sys.stderr)
+        args.cfg_scale = guidance_scale(model, args.cfg_scale)
+        fingerprint = content_digest(model.state_dict())
+        if args.compile:
+            compile_for_sampling(model)
+        folder = sample_folder(args)
+        with one_sentence_write_errors(folder, "create the folder"):
+            os.makedirs(folder, exist_ok=True)
+        check_settings(folder, args, fingerprint, info.is_main)
+    except SETUP_ERRORS as error:
+        cleanup_distributed()
+        sys.exit(f"sample_ddp.py: error: {error}")
+    try:
+        write_samples(model, sampler, autoencoder, folder, args, info)
+    except WriteError as error:  # a full or read-only disk: one sentence naming the file
+        cleanup_distributed()
+        sys.exit(f"sample_ddp.py: error: {error}")
     cleanup_distributed()
 
 

@@ -73,6 +73,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_vae_flags(parser, default="ema")
     parser.add_argument("--log-every", type=int, default=100, help="steps between log lines and metrics.jsonl records")
     parser.add_argument("--ckpt-every", type=int, default=50_000, help="steps between checkpoints (a stop signal also writes one)")
+    parser.add_argument(
+        "--keep-last", type=int, default=None,
+        help="keep only the newest N checkpoints of the run, deleting older ones once a new one is written (unset: keep all)",
+    )
     parser.add_argument("--sample-every", type=int, default=0, help="save an EMA sample grid every N steps (0: never)")
     parser.add_argument("--sample-steps", type=int, default=50, help="DDPM steps for the sample grids")
     parser.add_argument(
@@ -115,6 +119,8 @@ def validate_values(args: argparse.Namespace) -> None:
     for flag in ("global_batch_size", "grad_accum_steps", "epochs", "num_classes", "log_every", "ckpt_every"):
         if getattr(args, flag) < 1:
             raise SystemExit(f"--{flag.replace('_', '-')} must be at least 1, not {getattr(args, flag)}")
+    if args.keep_last is not None and args.keep_last < 1:
+        raise SystemExit(f"--keep-last must be at least 1 (the newest checkpoint is always kept), not {args.keep_last}")
     for flag in ("max_steps", "num_workers"):
         if getattr(args, flag) is not None and getattr(args, flag) < 0:
             raise SystemExit(f"--{flag.replace('_', '-')} must be 0 or more, not {getattr(args, flag)}")
@@ -336,7 +342,7 @@ def set_up(args: argparse.Namespace, info: DistInfo) -> tuple[Run, TrainState, D
     latent = check_patch_grid(args, autoencoder)
     notes = [precision_note] if precision_note else []
     try:
-        checkpoint, resume_path = open_resume_checkpoint(args, len(dataset), notes, dataset.fingerprint())
+        checkpoint, resume_path = open_resume_checkpoint(args, len(dataset), notes, info.is_main, dataset.fingerprint())
     except CheckpointError as error:
         raise SystemExit(error.with_flag("--resume PATH")) from None
     except ValueError as error:

@@ -171,3 +171,84 @@ def test_stale_temporaries_are_removed(tmp_path):
     assert [os.path.basename(p) for p in removed] == [".tmp-abc123.pt", ".tmp-x.pt"]
     assert sorted(os.listdir(tmp_path)) == [".tmp-notes.txt", "0000005.pt"]
     assert remove_stale_temporaries(str(tmp_path / "missing")) == []
+
+
+def nan_over_tensor_bytes(path, tensor: torch.Tensor, count: int = 1024) -> None:
+    """Overwrite the first `count` floats of `tensor`'s bytes inside the file with NaN, as a bad
+    disk block or a damaged copy does (4 KB for 1024 floats); the zip structure stays intact."""
+    data = bytearray(path.read_bytes())
+    needle = tensor.reshape(-1)[:count].numpy().tobytes()
+    assert data.count(needle) == 1, "the tensor's bytes must occur once in the file"
+    start = data.find(needle)
+    data[start : start + len(needle)] = np.full(count, np.nan, dtype=np.float32).tobytes()
+    path.write_bytes(bytes(data))
+
+
+def test_checkpoints_carry_a_checksum_of_their_content_that_loading_drops(tmp_path):
+    from util.checkpoints import CHECKSUM_KEY, content_digest
+
+    state = {"model": {"w": torch.arange(6.0).reshape(2, 3)}, "args": {"lr": 1e-4, "betas": (0.9, 0.999)}, "step": 3}
+    save_checkpoint(state, str(tmp_path / "c.pt"))
+    raw = torch.load(tmp_path / "c.pt", weights_only=True)
+    assert list(raw) == ["model", "args", "step", CHECKSUM_KEY]
+    assert raw[CHECKSUM_KEY].startswith("sha256:") and len(raw[CHECKSUM_KEY]) == len("sha256:") + 64
+    loaded = load_checkpoint(str(tmp_path / "c.pt"))
+    assert list(loaded) == ["model", "args", "step"] and torch.equal(loaded["model"]["w"], state["model"]["w"])
+    assert raw[CHECKSUM_KEY] == content_digest(loaded) == content_digest(state)
+    save_checkpoint(raw, str(tmp_path / "again.pt"))  # a loaded file saved again gets its checksum anew
+    assert torch.load(tmp_path / "again.pt", weights_only=True)[CHECKSUM_KEY] == raw[CHECKSUM_KEY]
+
+
+def test_the_content_digest_tells_every_change_apart_and_nothing_else():
+    from util.checkpoints import content_digest
+
+    w = torch.arange(12.0).reshape(3, 4)
+    base = content_digest({"w": w, "step": 1})
+    assert content_digest({"w": w.clone(), "step": 1}) == base  # other memory, same content
+    assert content_digest({"w": w.t().contiguous().t(), "step": 1}) == base  # non-contiguous layout
+    changed = [
+        {"w": w.double(), "step": 1}, {"w": w.reshape(4, 3), "step": 1}, {"w": w + (w == 5), "step": 1},
+        {"w": w, "step": 2}, {"v": w, "step": 1}, {"step": 1, "w": w}, {"w": w, "step": "1"}, {"w": [w], "step": 1},
+        {"w": (w,), "step": 1},
+    ]
+    digests = {content_digest(value) for value in changed}
+    assert base not in digests and len(digests) == len(changed)
+
+
+def test_a_damaged_weight_inside_the_file_fails_its_checksum_in_one_sentence(tmp_path):
+    from util.checkpoints import ChecksumError
+
+    path = tmp_path / "0000003.pt"
+    ema = {"w": torch.randn(4096)}
+    save_checkpoint({"model": {"w": torch.randn(4096)}, "ema": ema, "step": 3}, str(path))
+    nan_over_tensor_bytes(path, ema["w"])
+    # torch's zip reader checks no CRC: the file loads, with 1024 NaNs in the EMA weight.
+    assert torch.load(path, weights_only=True)["ema"]["w"].isnan().sum() == 1024
+    with pytest.raises(ChecksumError) as error:
+        load_checkpoint(str(path))
+    assert str(error.value) == (
+        f"checkpoint {path}: its content does not match the checksum written with it (the file changed after it was saved); "
+        "use another checkpoint instead"
+    )
+    assert error.value.with_flag("--ckpt PATH").endswith("saved); pass --ckpt PATH to another checkpoint")
+
+
+def test_files_without_a_checksum_load_as_before(tmp_path):
+    state = {"model": {"w": torch.ones(3)}, "ema": {"w": torch.zeros(3)}, "args": {"lr": 1e-4}}
+    torch.save(state, tmp_path / "original.pt")  # the original train.py's format
+    torch.save(state["ema"], tmp_path / "bare.pt")  # a released or exported state dict
+    torch.save(state, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)  # torch < 1.6's format, not mappable
+    for name in ("original.pt", "legacy.pt"):
+        loaded = load_checkpoint(str(tmp_path / name))
+        assert list(loaded) == list(state) and torch.equal(loaded["ema"]["w"], state["ema"]["w"])
+    assert list(load_checkpoint(str(tmp_path / "bare.pt"))) == ["w"]
+
+
+def test_checkpoint_errors_cross_processes_whole():
+    import pickle
+
+    from util.checkpoints import CheckpointError, ChecksumError
+
+    for error in (CheckpointError("x failed", remedy="delete it", instead="a checkpoint"), ChecksumError("y", instead="another")):
+        copy = pickle.loads(pickle.dumps(error))
+        assert type(copy) is type(error) and copy.with_flag("--resume PATH") == error.with_flag("--resume PATH")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -315,3 +316,100 @@ def test_a_copy_of_a_feature_store_resumes(tmp_path, store32, tiny_vae_dir):
     train.main([*args(staged), "--max-steps", "3"])
     experiment = tmp_path / "results" / "000-DiT-S-8"
     assert "resuming from" in (experiment / "log.txt").read_text() and [m["step"] for m in read_metrics(experiment)] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_resume_auto_skips_a_checkpoint_damaged_inside_and_redoes_its_step_bitwise(tmp_path, image_folder, tiny_vae_dir):
+    """4 KB of one EMA weight overwritten inside the newest checkpoint: torch loads it (its zip
+    reader checks no CRC), so only the checksum tells; the run resumes from the one before."""
+    from test_checkpoints import nan_over_tensor_bytes
+
+    args = train_args(image_folder, tiny_vae_dir, tmp_path, "--max-steps", "3", "--log-every", "1", "--ckpt-every", "1", "--resume", "auto")
+    train.main(args)
+    experiment = tmp_path / "000-DiT-S-8"
+    newest = experiment / "checkpoints" / "0000003.pt"
+    intact = tmp_path / "intact.pt"
+    shutil.copy(newest, intact)
+    nan_over_tensor_bytes(newest, torch.load(intact, weights_only=True)["ema"]["blocks.0.attn.qkv.weight"])
+    assert torch.load(newest, weights_only=True)["ema"]["blocks.0.attn.qkv.weight"].isnan().any()  # what a plain load would take
+
+    train.main(args)
+    log = (experiment / "log.txt").read_text()
+    assert (
+        f"skipping checkpoint {newest}: its content does not match the checksum written with it "
+        "(the file changed after it was saved), so it can be deleted"
+    ) in log
+    assert f"resuming from {experiment}/checkpoints/0000002.pt at step 2" in log
+    assert_same_training_state(newest, intact)  # step 3 done again, bit for bit
+    assert [m["step"] for m in read_metrics(experiment)] == [1, 2, 3]
+
+
+def original_format_copy_with_a_nan(source: Path, target: Path, part: str) -> None:
+    """`source` saved again as the original train.py writes checkpoints (torch.save, no checksum),
+    with one NaN in the EMA weights, or an inf in one of AdamW's step counts (which keeps the
+    updates finite, so that the weights stay finite too)."""
+    checkpoint = torch.load(source, weights_only=True)
+    del checkpoint["checksum"]
+    if part == "ema":
+        checkpoint["ema"]["final_layer.linear.weight"].view(-1)[0] = float("nan")
+    else:
+        next(iter(checkpoint["opt"]["state"].values()))["step"].fill_(float("inf"))
+    target.parent.mkdir(parents=True)
+    torch.save(checkpoint, target)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("part,named", [("ema", "the EMA weights"), ("opt", "the optimizer state")])
+def test_a_nan_in_the_ema_or_the_optimizer_state_is_never_saved(tmp_path, three_checkpoints, image_folder, tiny_vae_dir, part, named):
+    results = tmp_path / "results"
+    experiment = results / "000-DiT-S-8"
+    original_format_copy_with_a_nan(three_checkpoints / "000-DiT-S-8" / "checkpoints" / "0000006.pt", experiment / "checkpoints" / "0000006.pt", part)
+    args = train_args(image_folder, tiny_vae_dir, results, "--resume", "auto", "--max-steps", "8", "--log-every", "1", "--ckpt-every", "1")
+    with pytest.raises(SystemExit, match=rf"^{named} became non-finite at step 7; stopping without saving these weights \(last good checkpoint: .*0000006.pt\)$"):
+        train.main(args)  # a file without a checksum loads as before; the check before writing catches the NaN
+    assert os.listdir(experiment / "checkpoints") == ["0000006.pt"]
+
+
+PICK_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import train
+    from util import resume
+    from util.distributed import cleanup_distributed, setup_distributed
+
+    info = setup_distributed()
+    results, empty, data, vae = sys.argv[1:]
+    if info.rank == 1:  # this rank's view of the shared folder lags behind: it lists the oldest checkpoint alone
+        listing = resume.checkpoints_newest_first
+        resume.checkpoints_newest_first = lambda *where: listing(*where)[-1:]
+    flags = ["--data-path", data, "--vae-path", vae, "--model", "DiT-S/8", "--image-size", "64", "--num-classes", "3",
+             "--global-batch-size", "8", "--resume", "auto"]
+    checkpoint, path = resume.open_resume_checkpoint(train.parse_args([*flags, "--results-dir", results]), 24, [], info.is_main)
+    with open("/proc/self/maps") as maps:
+        mapped = path in maps.read()
+    print(f"rank {info.rank}: step {checkpoint['step']} of {path}, memory-mapped {mapped}")
+    try:
+        resume.open_resume_checkpoint(train.parse_args([*flags, "--results-dir", empty]), 24, [], info.is_main)
+    except ValueError as error:
+        print(f"rank {info.rank} refused: {error.with_flag('--resume PATH')}")
+    cleanup_distributed()
+    """
+)
+
+
+@pytest.mark.slow
+def test_rank_0_picks_the_resume_checkpoint_and_every_rank_maps_that_file(tmp_path, three_checkpoints, image_folder, tiny_vae_dir):
+    script = tmp_path / "pick.py"
+    script.write_text(PICK_SCRIPT)
+    broken = tmp_path / "broken" / "000-DiT-S-8" / "checkpoints"
+    broken.mkdir(parents=True)
+    (broken / "0000002.pt").write_bytes(b"garbage")
+    result = run_script([str(script), str(three_checkpoints), str(tmp_path / "broken"), str(image_folder), str(tiny_vae_dir)], nproc=2)
+    newest = three_checkpoints / "000-DiT-S-8" / "checkpoints" / "0000006.pt"
+    refusal = (
+        f"refused: none of the 1 checkpoints loads (the newest is {broken / '0000002.pt'}); "
+        "delete them, or pass --resume PATH to a checkpoint to resume from"
+    )
+    for rank in (0, 1):
+        assert f"rank {rank}: step 6 of {newest}, memory-mapped True" in result.stdout
+        assert f"rank {rank} {refusal}" in result.stdout

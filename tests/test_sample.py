@@ -442,3 +442,22 @@ def test_any_autoencoder_folder_sets_the_channels_and_size(tmp_path):
     finally:
         configure_precision("fp32")
     assert Image.open(out).size == (4 * 34 + 2, 2 * 34 + 2)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_damaged_after_it_was_written_is_refused_in_one_sentence(tiny_dit_ckpts, tiny_vae_dir, tmp_path):
+    """The bytes of one EMA weight overwritten with NaN: without the checksum this samples an all-black grid."""
+    from test_checkpoints import nan_over_tensor_bytes
+    from util.checkpoints import save_checkpoint
+
+    path, out = tmp_path / "0000010.pt", tmp_path / "grid.png"
+    checkpoint = torch.load(tiny_dit_ckpts["training"], weights_only=True)
+    save_checkpoint(checkpoint, str(path))
+    nan_over_tensor_bytes(path, checkpoint["ema"]["blocks.0.attn.qkv.weight"])
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main(tiny_args(dict(tiny_dit_ckpts, training=path), tiny_vae_dir, out))
+    assert str(exit_info.value.code) == (
+        f"sample.py: error: checkpoint {path}: its content does not match the checksum written with it "
+        "(the file changed after it was saved); pass --ckpt PATH to another checkpoint"
+    )
+    assert not out.exists()

@@ -305,3 +305,62 @@ def test_raw_weights_go_to_their_own_folder(tiny_dit_ckpts):
     args, _ = sample_ddp.parse_args(["--ckpt", str(tiny_dit_ckpts["training"]), "--weights", "raw"])
     assert "-0000010-raw-size-" in sample_ddp.sample_folder(args)
     assert sample_ddp.recipe(args)["weights"] == "raw"
+
+
+@pytest.mark.slow
+def test_other_weights_behind_the_same_path_are_refused_and_the_same_weights_elsewhere_taken(one_process, tiny_dit_ckpts, tiny_vae_dir, tmp_path):
+    from conftest import make_tiny_dit
+    from util.checkpoints import content_digest
+
+    sample_dir = tmp_path / "samples"
+    folder = sample_dir / os.path.basename(one_process[0])
+    shutil.copytree(one_process[0], folder)
+    settings = json.loads((folder / sample_ddp.SETTINGS_FILE).read_text())
+    weights = torch.load(tiny_dit_ckpts["training"], weights_only=True)["ema"]
+    assert settings[sample_ddp.FINGERPRINT] == content_digest(weights)  # the EMA weights it sampled, by content
+
+    moved = tmp_path / "staged" / "0000010.pt"  # the same file copied elsewhere: same folder name, same content
+    moved.parent.mkdir()
+    shutil.copy(tiny_dit_ckpts["training"], moved)
+    sample_ddp.main(ddp_args(dict(tiny_dit_ckpts, training=moved), tiny_vae_dir, sample_dir, 4, "--num-fid-samples", "8"))
+    assert len(np.load(f"{folder}.npz")["arr_0"]) == 8
+
+    other = make_tiny_dit(seed=1)
+    torch.save({"model": other, "ema": other, "args": {"model": "DiT-S/8", "image_size": 64}}, moved)  # other weights, same path
+    before = {name: (folder / name).read_bytes() for name in os.listdir(folder)}
+    with pytest.raises(SystemExit) as exit_info:
+        sample_ddp.main(ddp_args(dict(tiny_dit_ckpts, training=moved), tiny_vae_dir, sample_dir, 4, "--num-fid-samples", "9"))
+    assert str(exit_info.value.code) == (
+        f"sample_ddp.py: error: {folder} holds samples made with other weights (weights of content {content_digest(weights)} there, "
+        f"{content_digest(other)} now in {moved}); pass another --sample-dir or remove the folder"
+    )
+    assert {name: (folder / name).read_bytes() for name in os.listdir(folder)} == before
+
+
+def test_a_disk_that_turns_read_only_is_one_sentence_naming_the_file(tiny_dit_ckpts, tiny_vae_dir, tmp_path, monkeypatch):
+    import errno
+
+    def read_only(self, f, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(Image.Image, "save", read_only)
+    with pytest.raises(SystemExit) as exit_info:
+        sample_ddp.main(ddp_args(tiny_dit_ckpts, tiny_vae_dir, tmp_path / "samples", 4, "--num-fid-samples", "1"))
+    folder, _ = set_paths(tmp_path / "samples")
+    assert str(exit_info.value.code) == (
+        f"sample_ddp.py: error: cannot write {folder}/000000.png: the folder is read-only or not writable (Read-only file system)"
+    )
+
+
+@pytest.mark.slow
+def test_a_really_full_disk_is_one_sentence_naming_the_file(tiny_dit_ckpts, tiny_vae_dir, tmp_path):
+    from conftest import tmpfs
+
+    with tmpfs(tmp_path / "fs", "64k") as fs:
+        with pytest.raises(SystemExit) as exit_info:
+            sample_ddp.main(ddp_args(tiny_dit_ckpts, tiny_vae_dir, fs, 4))
+        message = str(exit_info.value.code)
+    assert re.fullmatch(
+        rf"sample_ddp\.py: error: cannot write {re.escape(str(fs))}/\S+(\.png|\.npz): the disk is full \(No space left on device\); "
+        "free some space and run again", message,
+    ), message

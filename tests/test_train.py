@@ -167,6 +167,32 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, imag
 
 
 @pytest.mark.slow
+def test_keep_last_deletes_older_checkpoints_only_after_the_new_one_is_written(tmp_path, image_folder, tiny_vae_dir, monkeypatch):
+    import errno
+
+    from util import run_outputs
+    from util.files import WriteError
+
+    args = train_args(image_folder, tiny_vae_dir, tmp_path, "--log-every", "1", "--ckpt-every", "1", "--keep-last", "2", "--resume", "auto")
+    train.main([*args, "--max-steps", "3"])
+    folder = tmp_path / "000-DiT-S-8" / "checkpoints"
+    assert sorted(os.listdir(folder)) == ["0000002.pt", "0000003.pt"]
+    assert f"removed 1 older checkpoint(s), keeping the newest 2: {folder / '0000001.pt'}" in (folder.parent / "log.txt").read_text()
+    (folder / "0000009.pt").write_bytes(b"a later step: another branch of the run, damaged")
+    train.main([*args, "--max-steps", "5"])  # skips 0000009.pt, resumes from 0000003.pt
+    assert sorted(os.listdir(folder)) == ["0000004.pt", "0000005.pt", "0000009.pt"]
+
+    def full_disk(obj, path):
+        raise WriteError(errno.ENOSPC, f"cannot write checkpoint {path}: the disk is full")
+
+    monkeypatch.setattr(run_outputs, "save_checkpoint", full_disk)
+    with pytest.raises(SystemExit, match="the disk is full"):
+        train.main([*args, "--max-steps", "6"])
+    assert sorted(os.listdir(folder)) == ["0000004.pt", "0000005.pt", "0000009.pt"]  # nothing deleted for a write that failed
+    assert train.parse_args([]).keep_last is None  # the default keeps every checkpoint
+
+
+@pytest.mark.slow
 def test_unreadable_images_are_skipped_and_counted(tmp_path, tiny_vae_dir):
     data = make_image_folder(tmp_path / "images", classes=2, per_class=4)
     (data / "class_0" / "img_0.png").write_bytes(b"\x89PNG broken")
@@ -190,6 +216,7 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path, tiny_vae_dir):
         ({"--resume": "MISSING"}, r"--resume .*missing does not exist"),
         ({"--num-classes": "2"}, r"the data has 3 classes but --num-classes is 2"),
         ({"--global-batch-size": "32"}, r"the dataset has 24 images, fewer than --global-batch-size 32"),
+        ({"--keep-last": "0"}, r"--keep-last must be at least 1 \(the newest checkpoint is always kept\), not 0"),
     ],
 )
 def test_bad_input_gets_one_sentence_before_any_work(tmp_path, image_folder, tiny_vae_dir, change, message):

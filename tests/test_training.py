@@ -167,5 +167,23 @@ def test_update_ema_is_the_reference_formula():
     assert_state_dicts_equal(ema.state_dict(), model.state_dict())
 
 
+def test_non_finite_parts_name_the_weights_the_ema_and_the_optimizer_state():
+    from util.training import non_finite_parts
+
+    torch.manual_seed(0)
+    model = DiT_models["DiT-S/8"](input_size=8, num_classes=3)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    optimizer = build_optimizer(model, 1e-3)
+    model(torch.randn(2, 4, 8, 8), torch.tensor([1, 2]), torch.tensor([0, 1])).square().mean().backward()
+    optimizer.step()
+    assert non_finite_parts(model, ema, optimizer) == []
+    with torch.no_grad():
+        ema.final_layer.linear.weight[0, 0] = float("nan")
+    assert non_finite_parts(model, ema, optimizer) == ["the EMA weights"]
+    next(iter(optimizer.state.values()))["exp_avg_sq"].view(-1)[3] = float("inf")
+    model.pos_embed.data[0, 0, 0] = float("nan")
+    assert non_finite_parts(model, ema, optimizer) == ["the weights", "the EMA weights", "the optimizer state"]
+
+
 if __name__ == "__main__":
     ddp_worker(sys.argv[1])

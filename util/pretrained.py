@@ -100,7 +100,7 @@ def load_weights(source: str | Mapping) -> Weights:
     try:
         return from_checkpoint(load_checkpoint(source), source)
     except CheckpointError as error:
-        raise WeightsError(str(error)) from error
+        raise WeightsError(error.what, error.remedy, error.instead) from error
 
 
 def from_checkpoint(checkpoint: object, source: str) -> Weights:

@@ -11,8 +11,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from util.checkpoints import CHECKPOINT_NAME, CheckpointError, load_checkpoint, remove_stale_temporaries
-from util.distributed import DistInfo
+from util.checkpoints import (
+    CHECKSUM_MISMATCH, CHECKPOINT_NAME, CheckpointError, ChecksumError, load_checkpoint, remove_stale_temporaries,
+)
+from util.distributed import DistInfo, all_gather_objects
 from util.files import first_line, trim_metrics
 from util.run_state import Run, TrainState, micro_batch_size
 
@@ -113,14 +115,17 @@ def checkpoints_newest_first(results_dir: str, name: str) -> list[str]:
 def load_newest_good_checkpoint(
     paths: Sequence[str], warn: Callable[[str], None], map_location: str | torch.device = "cpu"
 ) -> tuple[str, Any] | None:
-    """The first of `paths` (newest first) that loads, with its contents; None when there are none.
+    """The first of `paths` (newest first) that loads and matches its checksum, with its contents;
+    None when there are none.
 
-    A file that does not load (truncated by a crash, corrupt) is skipped with one line through
-    `warn`; when none loads, CheckpointError says so.
+    A file that does not load (truncated by a crash, corrupt) or whose content changed since it
+    was written is skipped with one line through `warn`; when none loads, CheckpointError says so.
     """
     for path in paths:
         try:
             return path, load_checkpoint(path, map_location)
+        except ChecksumError:
+            warn(f"skipping checkpoint {path}: {CHECKSUM_MISMATCH}, so it can be deleted")
         except (ValueError, FileNotFoundError) as error:
             warn(f"skipping checkpoint {path}: it does not load ({first_line(error.__cause__ or error)}), so it can be deleted")
     if paths:
@@ -130,22 +135,48 @@ def load_newest_good_checkpoint(
     return None
 
 
+def pick_resume_checkpoint(args: argparse.Namespace, notes: list[str]) -> tuple[str, Any] | None:
+    """(path, contents) of the checkpoint args.resume names, or None: "auto" takes the newest
+    checkpoint of the model that loads whole (a damaged one is skipped with a line in `notes`)."""
+    if args.resume == "auto":
+        return load_newest_good_checkpoint(checkpoints_newest_first(args.results_dir, experiment_name(args.model)), notes.append)
+    return (args.resume, load_checkpoint(args.resume, map_location="cpu")) if args.resume else None
+
+
+def raise_if_any_rank_failed(error: Exception | None) -> None:
+    """Raise the first process's error on every process (a collective), so that no rank goes on alone."""
+    errors = [error for error in all_gather_objects(error) if error is not None]
+    if errors:
+        raise errors[0]
+
+
 def open_resume_checkpoint(
-    args: argparse.Namespace, dataset_size: int, notes: list[str], fingerprint: str | None = None
+    args: argparse.Namespace, dataset_size: int, notes: list[str], is_main: bool = True, fingerprint: str | None = None
 ) -> tuple[dict | None, str | None]:
     """The checkpoint that args.resume names (checked against the settings) and its path, or (None, None).
 
-    "auto" takes the newest checkpoint of the model that loads: one that a crash left damaged is
-    skipped with a line in `notes`. Raises ValueError (ResumeError for a mismatch) in one sentence.
+    The first process picks it (see pick_resume_checkpoint) and tells the others its path, so
+    that all continue from one file even where shared storage shows them different listings;
+    each loads it to the CPU memory-mapped, so the processes of a node share one copy of its
+    pages. Every process raises the same ValueError (ResumeError for a mismatch) in one sentence.
     """
-    if args.resume == "auto":
-        candidates = checkpoints_newest_first(args.results_dir, experiment_name(args.model))
-        found = load_newest_good_checkpoint(candidates, notes.append)
-    else:
-        found = (args.resume, load_checkpoint(args.resume, map_location="cpu")) if args.resume else None
-    if found is None:
+    found, error = None, None
+    if is_main:
+        try:
+            found = pick_resume_checkpoint(args, notes)
+        except (ValueError, FileNotFoundError) as failure:
+            error = failure
+    raise_if_any_rank_failed(error)
+    path = all_gather_objects(found[0] if found else None)[0]
+    if path is None:
         return None, None
-    path, checkpoint = found
+    checkpoint, error = (found[1] if found else None), None
+    if not is_main:
+        try:
+            checkpoint = load_checkpoint(path, map_location="cpu")
+        except (ValueError, FileNotFoundError) as failure:
+            error = failure
+    raise_if_any_rank_failed(error)
     check_resumable(checkpoint, path, args, dataset_size, fingerprint)
     return checkpoint, path
 

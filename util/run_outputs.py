@@ -7,22 +7,22 @@ import math
 import os
 from typing import Callable
 
-from util.checkpoints import save_checkpoint
+from util.checkpoints import CHECKPOINT_NAME, save_checkpoint
 from util.distributed import any_rank, rng_states_of_all_ranks
 from util.files import WriteError, append_record
 from util.resume import training_checkpoint
 from util.run_state import Run, TrainingStopped, TrainState
-from util.training import RunningStats, parameters_are_finite, peak_memory_mb
+from util.training import RunningStats, non_finite_parts, peak_memory_mb
 
 logger = logging.getLogger("dit")
 
 
-def stop_on_divergence(state: TrainState) -> None:
-    """Stop naming the steps where the loss or weights went non-finite, without saving them."""
+def stop_on_divergence(state: TrainState, what: str) -> None:
+    """Stop naming what went non-finite (the loss, the weights, ...) and the steps where, without saving it."""
     first_step = state.checked_step + 1
     where = f"at step {state.step}" if first_step >= state.step else f"between steps {first_step} and {state.step}"
     message = (
-        f"the loss or the weights became non-finite {where}; stopping without saving "
+        f"{what} became non-finite {where}; stopping without saving "
         f"these weights (last good checkpoint: {state.last_checkpoint or 'none'})"
     )
     logger.error(message)
@@ -44,16 +44,40 @@ def stop_if_a_write_failed(write: Callable[[], None], is_main: bool, path: str) 
 
 
 def save_training_checkpoint(run: Run, state: TrainState, stats: RunningStats) -> None:
-    """Every rank checks the weights and hands in its RNG state; rank 0 writes the file."""
-    if not (stats.loss_sum_is_finite() and parameters_are_finite(run.model)):
-        stop_on_divergence(state)
+    """Every rank checks the loss, the weights, the EMA weights and the optimizer state and hands
+    in its RNG state; rank 0 writes the file (then removes older checkpoints beyond args.keep_last)."""
+    non_finite = ([] if stats.loss_sum_is_finite() else ["the loss"]) + non_finite_parts(run.model, run.ema, run.optimizer)
+    if any_rank(bool(non_finite)):
+        stop_on_divergence(state, " and ".join(non_finite) or "the state of another process")
     rng = rng_states_of_all_ranks(run.info.device)
     path = os.path.join(run.experiment_dir, "checkpoints", f"{state.step:07d}.pt") if run.info.is_main else ""
     stop_if_a_write_failed(lambda: save_checkpoint(training_checkpoint(run, state, rng), path), run.info.is_main, path)
     if run.info.is_main:
         logger.info(f"saved checkpoint {path}")
         state.last_checkpoint = path
+        if run.args.keep_last is not None:
+            remove_older_checkpoints(os.path.dirname(path), state.step, run.args.keep_last)
     state.checked_step = state.saved_step = state.step
+
+
+def remove_older_checkpoints(folder: str, step: int, keep: int) -> list[str]:
+    """Delete the checkpoints of `folder` before step `step` but the newest keep - 1 of them; returns their paths.
+
+    Call it once the checkpoint of `step` is written: that one, the newest good checkpoint, is
+    kept, as is any of a later step (another branch of the run's history). A file that cannot
+    be deleted is named in one line and the run goes on.
+    """
+    found = sorted((int(m.group(1)), name) for name in os.listdir(folder) if (m := CHECKPOINT_NAME.fullmatch(name)))
+    older = [os.path.join(folder, name) for number, name in found if number < step]
+    removed = older[: max(len(older) - (keep - 1), 0)]
+    for path in removed:
+        try:
+            os.remove(path)
+        except OSError as error:
+            logger.warning(f"could not remove old checkpoint {path} ({error.strerror}); the run goes on")
+    if removed:
+        logger.info(f"removed {len(removed)} older checkpoint(s), keeping the newest {keep}: {', '.join(removed)}")
+    return removed
 
 
 def log_metrics(run: Run, state: TrainState, stats: RunningStats) -> None:
@@ -61,7 +85,7 @@ def log_metrics(run: Run, state: TrainState, stats: RunningStats) -> None:
     metrics.jsonl. Stops the run if the loss has become non-finite."""
     loss, steps_per_sec = stats.reduce(run.info.world_size)
     if not math.isfinite(loss):
-        stop_on_divergence(state)
+        stop_on_divergence(state, "the loss")
     state.checked_step = state.step
     record = {
         "step": state.step,

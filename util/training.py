@@ -188,9 +188,17 @@ def training_step(
     return accumulated_step(model, diffusion, optimizer, [(latents, labels)], 1, precision, with_grad_norm, scaler)
 
 
-def parameters_are_finite(model: torch.nn.Module) -> bool:
-    # The max-abs norm cannot overflow, unlike the 2-norm of large but finite weights.
-    return bool(torch.stack(torch._foreach_norm(list(model.parameters()), ord=float("inf"))).isfinite().all())
+def tensors_are_finite(tensors: Iterable[torch.Tensor]) -> bool:
+    """Whether no floating-point tensor of `tensors` holds a NaN or an inf."""
+    return all(bool(tensor.isfinite().all()) for tensor in tensors if tensor.is_floating_point())
+
+
+def non_finite_parts(model: torch.nn.Module, ema: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """Which of the weights, the EMA weights and the optimizer state (AdamW's moments) hold a NaN
+    or an inf: a checkpoint of any of them would carry it into every run resumed from it."""
+    moments = [value for state in optimizer.state.values() for value in state.values() if isinstance(value, torch.Tensor)]
+    parts = {"the weights": model.parameters(), "the EMA weights": ema.state_dict().values(), "the optimizer state": moments}
+    return [name for name, tensors in parts.items() if not tensors_are_finite(tensors)]
 
 
 def peak_memory_mb(device: torch.device) -> float:
