@@ -574,10 +574,9 @@ def test_a_run_folder_deleted_while_training_is_one_sentence(tmp_path, image_fol
 @pytest.mark.slow
 def test_a_disk_full_from_the_start_is_one_sentence(tmp_path, image_folder, tiny_vae_dir, capsys):
     with tmpfs(tmp_path / "fs", "1m") as fs:
-        with open(fs / "filler", "wb") as f, pytest.raises(OSError):
+        with open(fs / "filler", "wb", buffering=0) as f, pytest.raises(OSError):
             while True:
                 f.write(b"x" * 65536)
-                f.flush()
         with pytest.raises(SystemExit) as stopped:
             train.main(train_args(image_folder, tiny_vae_dir, fs / "results", "--max-steps", "2", "--log-every", "1"))
         assert re.fullmatch(rf"cannot .* {fs}/results\S*: the disk is full \(.+\); free some space and run again", str(stopped.value))

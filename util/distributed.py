@@ -113,6 +113,12 @@ class LogFile(logging.FileHandler):
         )
         print(f"{self.failure}; the log goes on in the terminal only", file=sys.stderr, flush=True)
 
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError:  # the buffered rest of a log that could not be written either
+            pass
+
 
 def create_logger(log_dir: str | None, rank: int) -> logging.Logger:
     """Rank 0 logs to stdout and, when log_dir is given, to log_dir/log.txt; other ranks are silent."""
