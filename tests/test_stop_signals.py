@@ -40,3 +40,14 @@ def test_a_second_ctrl_c_exits_at_once_but_a_relayed_one_does_not(monkeypatch, c
             os.kill(os.getpid(), signal.SIGINT)  # pressed again
     assert stopped.value.code == 130
     assert capsys.readouterr().err == "interrupted a second time: exiting at once, without saving this step\n"
+
+
+def test_a_signal_ignored_from_the_start_stays_ignored():
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as nohup starts a process
+    try:
+        with StopRequest() as stop:
+            os.kill(os.getpid(), signal.SIGHUP)
+            assert stop.received is None
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, before)

@@ -27,7 +27,8 @@ REPEAT_SECONDS = 1.0
 
 class StopRequest:
     """Context manager that catches STOP_SIGNALS; `received` holds the first one that arrived
-    (None until then), and a second SIGINT exits at once with 130.
+    (None until then), and a second SIGINT exits at once with 130. A signal the process was
+    started ignoring (SIGHUP under nohup) stays ignored.
 
     Data-loader workers need `ignore_stop_signals` as their worker_init_fn: torch resets their
     SIGTERM handler, and a scheduler signals every process of the job.
@@ -42,7 +43,8 @@ class StopRequest:
     def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
             for sig in self.signals:
-                self.previous[sig] = signal.signal(sig, self.handle)
+                if signal.getsignal(sig) is not signal.SIG_IGN:  # ignored stays ignored: nohup, a shell's `&`
+                    self.previous[sig] = signal.signal(sig, self.handle)
         return self
 
     def __exit__(self, *exc_info: object) -> None:
