@@ -6,8 +6,9 @@
 Each run writes results/NNN-<model>/ with log.txt, metrics.jsonl, checkpoints/ and
 (with --sample-every) samples/. `--resume auto` continues the newest run of the model, on
 any number of processes and any --grad-accum-steps that keep the global batch;
-`--init-from CKPT` fine-tunes from other weights. SIGTERM or SIGUSR1 (preemption, a time
-limit) saves a checkpoint after the current step and exits. This file reads top-down: flags,
+`--init-from CKPT` fine-tunes from other weights. One job at a time trains in a run folder (a
+lock, util/run_lock.py). SIGTERM, SIGUSR1 (preemption, a time limit), SIGINT (Ctrl-C) or
+SIGHUP saves a checkpoint after the current step and exits. This file reads top-down: flags,
 set-up, the loop; the building blocks live in util/ (training, resume, run_state, batches,
 run_outputs, sample_grids, finetune).
 """
@@ -19,6 +20,7 @@ import logging
 import math
 import os
 import signal
+from contextlib import ExitStack
 from dataclasses import replace
 
 import torch
@@ -28,8 +30,10 @@ from diffusion import NUM_TRAIN_STEPS, create_diffusion
 from util.batches import make_loader, next_micro_batches
 from util.data import FeatureDataset, ImageDataset, vae_encoder_fingerprint
 from util.checkpoints import CheckpointError, WeightsError
-from util.distributed import DistInfo, cleanup_distributed, create_logger, max_over_ranks, setup_distributed
-from util.files import WriteError, create_run_dir, output_folder_problem
+from util.distributed import (
+    DistInfo, all_gather_objects, cleanup_distributed, create_logger, max_over_ranks, setup_distributed,
+)
+from util.files import WriteError, create_run_dir, first_line, output_folder_problem
 from util.finetune import describe_weights, fit_weights, initial_weights
 from util.flags import (
     add_compile_flag, add_data_flags, add_model_flags, add_precision_flag, add_vae_flags, make_parser, vae_error_sentence,
@@ -37,8 +41,10 @@ from util.flags import (
 from util.precision import setup_precision
 from util.pretrained import PRETRAINED_MODELS
 from util.resume import (
-    ResumeError, data_differences, experiment_name, open_resume_checkpoint, restore_rng_state, restore_run, tidy_resumed_folder,
+    ResumeError, data_differences, experiment_name, open_resume_checkpoint, remove_abandoned_temporaries, restore_rng_state,
+    restore_run, tidy_resumed_folder,
 )
+from util.run_lock import RunLock, RunLockedError
 from util.run_outputs import log_metrics, save_training_checkpoint
 from util.run_state import Run, TrainState, build_run, micro_batch_size
 from util.sample_grids import save_samples
@@ -268,16 +274,29 @@ def check_patch_grid(args: argparse.Namespace, autoencoder: Autoencoder) -> int:
     return latent
 
 
-def experiment_folder(args: argparse.Namespace, resume_path: str | None, is_main: bool) -> str | None:
-    """Rank 0's experiment folder: the resumed run's own, or a new one (None on other ranks)."""
-    if not is_main:
-        return None
+def experiment_folder(args: argparse.Namespace, resume_path: str | None) -> str:
+    """The experiment folder: the resumed run's own, or a new one."""
     if resume_path is not None and os.path.basename(os.path.dirname(resume_path)) == "checkpoints":
         return os.path.dirname(os.path.dirname(os.path.abspath(resume_path)))
-    try:
-        return create_run_dir(args.results_dir, experiment_name(args.model))
-    except WriteError as error:
-        raise SystemExit(str(error)) from None
+    return create_run_dir(args.results_dir, experiment_name(args.model))
+
+
+def claim_experiment_folder(
+    args: argparse.Namespace, resume_path: str | None, info: DistInfo, on_exit: ExitStack
+) -> str | None:
+    """Rank 0's experiment folder (None on other ranks), locked until this job exits. When it
+    cannot be made or another live job holds it, every rank exits with rank 0's sentence."""
+    folder, problem = None, None
+    if info.is_main:
+        try:
+            folder = experiment_folder(args, resume_path)
+            on_exit.enter_context(RunLock(folder))
+        except (RunLockedError, WriteError) as error:
+            problem = str(error)
+    problem = all_gather_objects(problem)[0]  # also the point where the other ranks wait for rank 0
+    if problem is not None:
+        raise SystemExit(problem)
+    return folder
 
 
 def fitted_initial_weights(run: Run, source: str, autoencoder: Autoencoder) -> tuple[dict, dict, list[str]]:
@@ -329,10 +348,10 @@ def log_set_up(args: argparse.Namespace, run: Run, notes: list[str], resume_path
         logger.info(f"resuming: --init-from {args.init_from} is not used")
 
 
-def set_up(args: argparse.Namespace, info: DistInfo) -> tuple[Run, TrainState, Dataset, Autoencoder]:
+def set_up(args: argparse.Namespace, info: DistInfo, on_exit: ExitStack) -> tuple[Run, TrainState, Dataset, Autoencoder]:
     """Check the settings, open the data, the autoencoder and the checkpoint to resume or the
-    weights to fine-tune, build what is trained, make the experiment folder and the logger, then
-    load the weights."""
+    weights to fine-tune, build what is trained, make and lock the experiment folder (released
+    by `on_exit`), make the logger, then load the weights."""
     validate_args(args, info.world_size)
     args.precision, precision_note = setup_precision(args.precision, info.device)  # `auto` -> what it chose
     torch.manual_seed(args.global_seed * info.world_size + info.rank)
@@ -352,9 +371,11 @@ def set_up(args: argparse.Namespace, info: DistInfo) -> tuple[Run, TrainState, D
     run.data_fingerprint = dataset.fingerprint()
     fine_tune = args.init_from is not None and checkpoint is None
     initial = fitted_initial_weights(run, args.init_from, autoencoder) if fine_tune else None
-    run.experiment_dir = experiment_folder(args, resume_path, info.is_main)
+    run.experiment_dir = claim_experiment_folder(args, resume_path, info, on_exit)
     create_logger(run.experiment_dir, info.rank)
     log_set_up(args, run, notes + vae_notes, resume_path, fine_tune)
+    if info.is_main:
+        remove_abandoned_temporaries(args.results_dir, experiment_name(args.model))
     if args.tensorboard and info.is_main:
         from torch.utils.tensorboard import SummaryWriter  # an optional dependency
 
@@ -367,7 +388,7 @@ def set_up(args: argparse.Namespace, info: DistInfo) -> tuple[Run, TrainState, D
         state = restore_run(run, checkpoint, resume_path)
         state = continue_on_changed_data(args, checkpoint, dataset, state)
         if info.is_main:
-            tidy_resumed_folder(run.experiment_dir, state.step)
+            tidy_resumed_folder(run.experiment_dir, state.step, set_aside_newer=args.resume != "auto")
         restore_rng_state(checkpoint, state.step, info, args.global_seed)  # after everything that draws numbers
     return run, state, dataset, autoencoder
 
@@ -400,8 +421,18 @@ def stop_on_signal(run: Run, state: TrainState, stats: RunningStats, signal_numb
     raise SystemExit(exit_code(signal_number))
 
 
-def train(args: argparse.Namespace, info: DistInfo, stop: StopRequest) -> None:
-    run, state, dataset, autoencoder = set_up(args, info)
+def out_of_memory_sentence(args: argparse.Namespace, info: DistInfo, error: BaseException) -> str:
+    """What to change when a training step runs out of memory."""
+    where = "GPU" if isinstance(error, torch.OutOfMemoryError) else "host"
+    return (
+        f"out of {where} memory in a training step of {micro_batch_size(args, info.world_size)} images per micro-batch "
+        f"({first_line(error)}); use smaller micro-batches with a higher --grad-accum-steps (now {args.grad_accum_steps}) "
+        f"or recompute activations with --grad-checkpointing"
+    )
+
+
+def train(args: argparse.Namespace, info: DistInfo, stop: StopRequest, on_exit: ExitStack) -> None:
+    run, state, dataset, autoencoder = set_up(args, info, on_exit)
     ema, device = run.ema.eval(), info.device
     train_model = wrap_for_training(run.model, args, device)
     diffusion = create_diffusion(timestep_respacing="")
@@ -428,10 +459,13 @@ def train(args: argparse.Namespace, info: DistInfo, stop: StopRequest) -> None:
             # One optimizer step on the global batch; then EMA, logs and checkpoints.
             micro_batches = next_micro_batches(batches, args.grad_accum_steps, autoencoder, using_features, device, stats)
             with_grad_norm = (state.step + 1) % args.log_every == 0
-            loss, grad_norm, skipped_step = accumulated_step(
-                train_model, diffusion, run.optimizer, micro_batches, args.grad_accum_steps,
-                args.precision, with_grad_norm, run.scaler,
-            )
+            try:
+                loss, grad_norm, skipped_step = accumulated_step(
+                    train_model, diffusion, run.optimizer, micro_batches, args.grad_accum_steps,
+                    args.precision, with_grad_norm, run.scaler,
+                )
+            except (torch.OutOfMemoryError, MemoryError) as error:
+                raise SystemExit(out_of_memory_sentence(args, info, error)) from None
             update_ema(ema, run.model, ema_decay_at(args.ema_decay, state.step, args.ema_warmup))
             stats.add(loss, skipped_step, grad_norm)
             state.advance(steps_per_epoch)
@@ -440,7 +474,7 @@ def train(args: argparse.Namespace, info: DistInfo, stop: StopRequest) -> None:
                 log_metrics(run, state, stats)
             if state.step % args.ckpt_every == 0:
                 save_training_checkpoint(run, state, stats)
-            if signal_number := max_over_ranks(stop.signal_number):  # SIGTERM or SIGUSR1 on any rank
+            if signal_number := max_over_ranks(stop.signal_number):  # a stop signal on any rank
                 stop_on_signal(run, state, stats, signal_number)
             if args.sample_every and state.step % args.sample_every == 0:
                 save_samples(run, autoencoder, state.step)
@@ -460,8 +494,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     info = setup_distributed()
     try:
-        with StopRequest() as stop:
-            train(args, info, stop)
+        with StopRequest() as stop, ExitStack() as on_exit:  # on_exit: the run folder's lock
+            train(args, info, stop, on_exit)
     finally:
         cleanup_distributed()
 

@@ -1,5 +1,6 @@
 """util/files.py: run folders claimed atomically, output folders that cannot work refused in one
-sentence, records appended to a full disk, metrics that keep one record per step at a resume."""
+sentence, records appended to a full disk or a deleted folder, metrics that keep one record per
+step at a resume, atomic files that two writers can write at once."""
 from __future__ import annotations
 
 import json
@@ -9,7 +10,7 @@ import os
 import pytest
 
 from conftest import make_read_only, tmpfs
-from util.files import WriteError, append_record, create_run_dir, output_folder_problem, trim_metrics
+from util.files import WriteError, append_record, atomic_open, create_run_dir, current_umask, output_folder_problem, trim_metrics
 
 
 def test_run_numbers_are_never_reused(tmp_path):
@@ -91,3 +92,20 @@ def test_metrics_keep_one_record_per_step_up_to_the_resumed_step(tmp_path):
     before = path.read_text()
     assert trim_metrics(str(path), last_step=4) == 0 and path.read_text() == before
     assert trim_metrics(str(tmp_path / "missing.jsonl"), last_step=4) == 0
+
+
+def test_two_writers_of_one_atomic_file_do_not_share_a_temporary(tmp_path):
+    path = tmp_path / "settings.json"
+    with atomic_open(str(path)) as first, atomic_open(str(path)) as second:
+        first.write("first writer\n" * 1000)
+        second.write("second\n")
+    assert path.read_text() == "first writer\n" * 1000  # the last one renamed wins, whole
+    assert os.listdir(tmp_path) == ["settings.json"]  # no temporary left
+    assert path.stat().st_mode & 0o777 == 0o666 & ~current_umask()
+
+
+def test_a_record_for_a_deleted_folder_is_one_sentence(tmp_path):
+    folder = tmp_path / "000-DiT-S-8"
+    with pytest.raises(WriteError) as error:
+        append_record(str(folder / "metrics.jsonl"), {"step": 1})
+    assert str(error.value) == f"cannot append to {folder}/metrics.jsonl: the folder {folder} no longer exists (moved or deleted while this ran)"

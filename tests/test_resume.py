@@ -413,3 +413,39 @@ def test_rank_0_picks_the_resume_checkpoint_and_every_rank_maps_that_file(tmp_pa
     for rank in (0, 1):
         assert f"rank {rank}: step 6 of {newest}, memory-mapped True" in result.stdout
         assert f"rank {rank} {refusal}" in result.stdout
+
+
+def test_after_a_rewind_resume_auto_continues_the_rewound_branch(tmp_path, three_checkpoints, image_folder, tiny_vae_dir):
+    results = tmp_path / "results"
+    shutil.copytree(three_checkpoints, results)
+    experiment = results / "000-DiT-S-8"
+    folder = experiment / "checkpoints"
+    abandoned = {name: (folder / name).read_bytes() for name in ("0000004.pt", "0000006.pt")}
+    args = train_args(image_folder, tiny_vae_dir, results, "--log-every", "1", "--lr", "5e-5")
+    train.main([*args, "--resume", str(folder / "0000002.pt"), "--max-steps", "3"])  # rewound by hand, then stopped
+    train.main([*args, "--resume", "auto", "--max-steps", "4"])  # the requeued job
+
+    (aside,) = [entry for entry in os.listdir(folder) if entry.startswith("set-aside-after-0000002-")]
+    assert sorted(os.listdir(folder)) == ["0000002.pt", "0000003.pt", "0000004.pt", aside]
+    assert {name: (folder / aside / name).read_bytes() for name in os.listdir(folder / aside)} == abandoned
+    log = (experiment / "log.txt").read_text()
+    assert f"set aside 2 newer checkpoint(s) (0000004.pt, 0000006.pt) in {folder / aside}, so that this run continues from step 2" in log
+    assert f"resuming from {folder}/0000003.pt at step 3" in log
+    assert torch.load(folder / "0000004.pt", weights_only=True)["args"]["lr"] == 5e-5  # the new branch, not the old step 4
+    assert [(m["step"], m["lr"]) for m in read_metrics(experiment)] == [(1, 1e-4), (2, 1e-4), (3, 5e-5), (4, 5e-5)]
+
+
+@pytest.mark.slow
+def test_a_temporary_left_in_a_run_without_checkpoints_is_removed_unless_a_job_holds_the_run(tmp_path, image_folder, tiny_vae_dir):
+    from util.run_lock import RunLock
+
+    temporaries = []
+    for run in ("000-DiT-S-8", "001-DiT-S-8"):  # killed during their first checkpoint
+        (tmp_path / run / "checkpoints").mkdir(parents=True)
+        temporaries.append(tmp_path / run / "checkpoints" / ".tmp-k1ll3d.pt")
+        temporaries[-1].write_bytes(b"x" * 1000)
+    with RunLock(str(tmp_path / "001-DiT-S-8")):  # 001 is a live job writing its first checkpoint
+        train.main(train_args(image_folder, tiny_vae_dir, tmp_path, "--max-steps", "1", "--resume", "auto"))
+    assert not temporaries[0].exists() and temporaries[1].exists()
+    log = (tmp_path / "002-DiT-S-8" / "log.txt").read_text()
+    assert f"removed 1 temporary checkpoint file(s) left by a killed run: {temporaries[0]}" in log

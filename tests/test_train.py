@@ -11,6 +11,8 @@ import io
 import json
 import os
 import re
+import shutil
+import subprocess
 import signal
 import sys
 from pathlib import Path
@@ -22,7 +24,7 @@ from PIL import Image
 
 import train
 from conftest import (
-    TINY, assert_state_dicts_equal, make_image_folder, make_read_only, read_metrics, run_script,
+    REPO, TINY, assert_state_dicts_equal, make_image_folder, make_read_only, read_metrics, run_script,
     start_torchrun, tmpfs, train_args, wait_for_step, worker_pid
 )
 from diffusion import create_diffusion
@@ -568,3 +570,109 @@ def test_a_folder_of_no_readable_image_is_one_sentence_before_any_folder(tmp_pat
     with pytest.raises(SystemExit, match=r"^none of the 1 image files in the data folder .*images can be read \(the first, .*a.png: "):
         train.main(train_args(tmp_path / "images", tiny_vae_dir, tmp_path / "results"))
     assert not (tmp_path / "results").exists()
+
+
+def test_a_second_job_on_a_running_run_is_refused_naming_the_holder(tmp_path, image_folder, tiny_vae_dir):
+    from util.run_lock import RunLock
+
+    args = train_args(image_folder, tiny_vae_dir, tmp_path, "--log-every", "1", "--resume", "auto")
+    train.main([*args, "--max-steps", "1"])
+    experiment = tmp_path / "000-DiT-S-8"
+    before = (experiment / "metrics.jsonl").read_text()
+    with RunLock(str(experiment)) as running:  # the job that trains in it (this process)
+        since = running.holder["since"]
+        with pytest.raises(SystemExit, match=rf"^{experiment} is in use by another job \(process {os.getpid()} on host \S+, since {since}\); wait for that job to end or stop it \(its lock {experiment}/lock is taken over once the job is gone: .*\)$"):
+            train.main([*args, "--max-steps", "3"])
+    assert (experiment / "metrics.jsonl").read_text() == before and os.listdir(experiment / "checkpoints") == ["0000001.pt"]
+    assert os.listdir(tmp_path) == ["000-DiT-S-8"] and not (experiment / "lock").exists()
+
+
+@pytest.mark.slow
+def test_the_same_command_twice_under_torchrun_refuses_the_second_on_every_rank(tmp_path, image_folder, tiny_vae_dir):
+    args = train_args(image_folder, tiny_vae_dir, tmp_path, "--log-every", "1", "--ckpt-every", "1", "--resume", "auto", "--max-steps", "100000")
+    first = start_torchrun(args)
+    experiment = tmp_path / "000-DiT-S-8"
+    wait_for_step(experiment, 2, first)
+    second = start_torchrun(args)  # a requeued job beside its old self
+    output = second.communicate(timeout=120)[0]  # every rank stops: none waits for the other
+    assert second.returncode != 0 and first.poll() is None
+    assert re.search(rf"{experiment} is in use by another job \(process \d+ on host \S+, since \S+\); wait for that job to end or stop it", output), output[-3000:]
+    os.killpg(first.pid, signal.SIGTERM)
+    first.communicate(timeout=120)
+    steps = [m["step"] for m in read_metrics(experiment)]
+    assert steps == list(range(1, len(steps) + 1))  # one writer: no step twice, none lost
+    assert os.listdir(tmp_path) == ["000-DiT-S-8"] and not (experiment / "lock").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("error,where", [(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"), "GPU"), (MemoryError(), "host")])
+def test_running_out_of_memory_in_a_step_is_one_sentence_with_the_flags_that_help(tmp_path, image_folder, tiny_vae_dir, monkeypatch, error, where):
+    def step_out_of_memory(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(train, "accumulated_step", step_out_of_memory)
+    with pytest.raises(SystemExit, match=rf"^out of {where} memory in a training step of 8 images per micro-batch \(.+\); use smaller micro-batches with a higher --grad-accum-steps \(now 1\) or recompute activations with --grad-checkpointing$"):
+        train.main(train_args(image_folder, tiny_vae_dir, tmp_path, "--max-steps", "2"))
+    assert not (tmp_path / "000-DiT-S-8" / "lock").exists()
+
+
+@pytest.mark.slow
+def test_a_run_folder_deleted_while_training_is_one_sentence(tmp_path, image_folder, tiny_vae_dir, monkeypatch):
+    real_log_metrics = train.log_metrics
+
+    def delete_then_log(run, state, stats):
+        if state.step == 2:
+            shutil.rmtree(run.experiment_dir)  # a clean-up script, or a wrong rm -r
+        real_log_metrics(run, state, stats)
+
+    monkeypatch.setattr(train, "log_metrics", delete_then_log)
+    experiment = tmp_path / "000-DiT-S-8"
+    with pytest.raises(SystemExit, match=rf"^cannot append to {experiment}/metrics.jsonl: the folder {experiment} no longer exists \(moved or deleted while this ran\)$"):
+        train.main(train_args(image_folder, tiny_vae_dir, tmp_path, "--max-steps", "3", "--log-every", "1"))
+
+
+@pytest.mark.slow
+def test_a_disk_full_from_the_start_is_one_sentence(tmp_path, image_folder, tiny_vae_dir, capsys):
+    with tmpfs(tmp_path / "fs", "1m") as fs:
+        with open(fs / "filler", "wb", buffering=0) as f, pytest.raises(OSError):
+            while True:
+                f.write(b"x" * 65536)
+        with pytest.raises(SystemExit) as stopped:
+            train.main(train_args(image_folder, tiny_vae_dir, fs / "results", "--max-steps", "2", "--log-every", "1"))
+        assert re.fullmatch(rf"cannot .* {fs}/results\S*: the disk is full \(.+\); free some space and run again", str(stopped.value))
+        assert "Logging error" not in capsys.readouterr().err
+
+
+def start_python(args: list[str]) -> subprocess.Popen:
+    """train.py as one plain process in a session of its own."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "train.py", *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP])
+def test_ctrl_c_and_sighup_stop_a_plain_python_run_like_sigterm(tmp_path, image_folder, tiny_vae_dir, sig):
+    job = start_python(train_args(image_folder, tiny_vae_dir, tmp_path, "--log-every", "1", "--max-steps", "100000"))
+    experiment = tmp_path / "000-DiT-S-8"
+    wait_for_step(experiment, 2, job)
+    os.killpg(job.pid, sig)  # Ctrl-C or a closed terminal signals the whole foreground group
+    output = job.communicate(timeout=120)[0]
+    assert job.returncode == 128 + sig, output[-3000:]
+    (checkpoint,) = os.listdir(experiment / "checkpoints")
+    log = (experiment / "log.txt").read_text()
+    assert f"stopped by {sig.name} after step {int(checkpoint.split('.')[0])}: saved checkpoint {experiment}/checkpoints/{checkpoint}; continue with --resume auto" in log
+    assert "KeyboardInterrupt" not in output and not (experiment / "lock").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_to_a_torchrun_job_saves_on_every_rank(tmp_path, image_folder, tiny_vae_dir):
+    job = start_torchrun(train_args(image_folder, tiny_vae_dir, tmp_path, "--log-every", "1", "--max-steps", "100000"))
+    experiment = tmp_path / "000-DiT-S-8"
+    wait_for_step(experiment, 2, job)
+    os.killpg(job.pid, signal.SIGINT)  # Ctrl-C: torchrun and both ranks get it, then torchrun relays it to the ranks
+    output = job.communicate(timeout=120)[0]
+    (checkpoint,) = os.listdir(experiment / "checkpoints")
+    assert f"stopped by SIGINT after step {int(checkpoint.split('.')[0])}" in (experiment / "log.txt").read_text(), output[-3000:]
+    # The one traceback is torchrun's own report of the signal it got (docs/training.md), none from training.
+    assert job.returncode == 1 and output.count("Traceback") == 1, output[-3000:]
+    assert re.search(r"SignalException: Process \d+ got signal: 2\n", output) and "KeyboardInterrupt" not in output

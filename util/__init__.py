@@ -10,7 +10,8 @@
   sampling          weights -> model, samplers, classifier-free guidance, denoising loops
   precision         fp32 / tf32 / bf16 / fp16 choice and autocast
   distributed       process group set-up, collectives, the logger
-  stop_signals      SIGTERM / SIGUSR1 turned into a stop at a step boundary
+  stop_signals      SIGTERM / SIGUSR1 / SIGINT / SIGHUP turned into a stop at a step boundary
+  run_lock          one job per run folder: a lock file with its holder, a heartbeat, stale-lock take-over
   flags             command-line flags several scripts share; the sampling scripts' model from --ckpt
   training          optimizer, EMA (and its warm-up), latents, one accumulated training step, statistics
   run_state         a training run's fixed parts (Run) and where it stands (TrainState)

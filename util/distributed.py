@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from util.files import first_line, write_error_message
 
 
 @dataclass(frozen=True)
@@ -91,9 +94,37 @@ def rng_states_of_all_ranks(device: torch.device) -> list[dict]:
     )
 
 
+class LogFile(logging.FileHandler):
+    """log.txt. A write that fails (a full disk, a deleted folder) is said once, in one sentence on
+    stderr, and the log goes on in the terminal alone, instead of a traceback for every line."""
+
+    failure: str | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.failure is None:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        error = sys.exc_info()[1]
+        if self.failure is not None or error is None:
+            return
+        self.failure = write_error_message(error, self.baseFilename, "append to") or (
+            f"cannot append to {self.baseFilename}: {first_line(error)}"
+        )
+        print(f"{self.failure}; the log goes on in the terminal only", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError:  # the buffered rest of a log that could not be written either
+            pass
+
+
 def create_logger(log_dir: str | None, rank: int) -> logging.Logger:
     """Rank 0 logs to stdout and, when log_dir is given, to log_dir/log.txt; other ranks are silent."""
     logger = logging.getLogger("dit")
+    for handler in logger.handlers:
+        handler.close()  # a log.txt of an earlier run in this process
     logger.handlers.clear()
     logger.propagate = False
     if rank != 0:
@@ -103,7 +134,7 @@ def create_logger(log_dir: str | None, rank: int) -> logging.Logger:
     formatter = logging.Formatter("[\033[34m%(asctime)s\033[0m] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
     handlers: list[logging.Handler] = [logging.StreamHandler()]
     if log_dir is not None:
-        handlers.append(logging.FileHandler(os.path.join(log_dir, "log.txt")))
+        handlers.append(LogFile(os.path.join(log_dir, "log.txt")))
     for handler in handlers:
         handler.setFormatter(formatter)
         logger.addHandler(handler)

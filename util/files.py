@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import re
+import tempfile
 from contextlib import contextmanager
 from typing import IO, Iterator
 
@@ -18,14 +19,16 @@ RUN_NUMBER = re.compile(r"^(\d+)-")
 
 
 class WriteError(OSError):
-    """A write that failed for a full or read-only disk, with a one-sentence message."""
+    """A write that failed for a full or read-only disk or a folder deleted under it, with a
+    one-sentence message."""
 
     def __str__(self) -> str:
         return self.strerror  # the sentence alone, without the "[Errno 28]" prefix
 
 
 def write_error_message(error: BaseException, path: str, action: str = "write") -> str | None:
-    """One sentence for a disk-full or not-writable error of `action` on `path`; None for any other error.
+    """One sentence for a disk-full, not-writable or folder-gone error of `action` on `path`; None
+    for any other error.
 
     The OS's errno decides wherever there is one; torch.save's own writer is the exception."""
     code = error.errno if isinstance(error, OSError) else None
@@ -33,6 +36,9 @@ def write_error_message(error: BaseException, path: str, action: str = "write") 
         return f"cannot {action} {path}: the disk is full ({error.strerror}); free some space and run again"
     if code in NOT_WRITABLE_ERRNOS:
         return f"cannot {action} {path}: the folder is read-only or not writable ({error.strerror})"
+    folder = os.path.dirname(os.path.abspath(path))
+    if code == errno.ENOENT and not os.path.isdir(folder):
+        return f"cannot {action} {path}: the folder {folder} no longer exists (moved or deleted while this ran)"
     # Fallback for torch.save alone: its C++ writer reports a short write as a RuntimeError that
     # carries no errno, only this text.
     if isinstance(error, RuntimeError) and any(marker in str(error) for marker in TORCH_SHORT_WRITE_MARKERS):
@@ -42,7 +48,7 @@ def write_error_message(error: BaseException, path: str, action: str = "write") 
 
 @contextmanager
 def one_sentence_write_errors(path: str, action: str) -> Iterator[None]:
-    """Turn a disk-full or not-writable error raised inside into a WriteError with one sentence
+    """Turn a disk-full, not-writable or folder-gone error raised inside into a WriteError with one sentence
     about `action` on `path`; any other error passes unchanged."""
     try:
         yield
@@ -62,11 +68,15 @@ def current_umask() -> int:
 
 @contextmanager
 def atomic_open(path: str, mode: str = "w") -> Iterator[IO]:
-    """A file that appears at `path` whole or not at all: written as path + ".tmp", renamed over
-    `path` when the block ends, removed when it fails (a killed run leaves no half-written file)."""
-    tmp_path = path + ".tmp"
+    """A file that appears at `path` whole or not at all: written to a temporary file of its own
+    beside `path` (two writers never share one), renamed over `path` when the block ends, removed
+    when it fails (a killed run leaves no half-written file). It gets the mode a plain open()
+    would give."""
+    folder, name = os.path.split(os.path.abspath(path))
+    fd, tmp_path = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
     try:
-        with open(tmp_path, mode) as f:
+        with os.fdopen(fd, mode) as f:
+            os.fchmod(f.fileno(), 0o666 & ~current_umask())  # mkstemp creates files as 0600
             yield f
         os.replace(tmp_path, path)
     except BaseException:

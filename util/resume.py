@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import re
+from datetime import datetime
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -16,6 +17,7 @@ from util.checkpoints import (
 )
 from util.distributed import DistInfo, all_gather_objects
 from util.files import first_line, trim_metrics
+from util.run_lock import try_lock
 from util.run_state import Run, TrainState, micro_batch_size
 
 # Checkpoint entries a resumable checkpoint must hold (the reference's four come first).
@@ -97,18 +99,27 @@ def check_resumable(
         )
 
 
-def checkpoints_newest_first(results_dir: str, name: str) -> list[str]:
-    """The checkpoints (checkpoints/<step>.pt) of every run results_dir/NNN-<name>, the newest
-    run first and, within a run, the highest step first."""
+def run_folders_newest_first(results_dir: str, name: str) -> list[str]:
+    """The run folders results_dir/NNN-<name>, the highest number first."""
     runs = []
     if os.path.isdir(results_dir):
         runs = [(int(m.group(1)), entry) for entry in os.listdir(results_dir) if (m := re.fullmatch(rf"(\d+)-{re.escape(name)}", entry))]
+    return [os.path.join(results_dir, run) for _, run in sorted(runs, reverse=True)]
+
+
+def checkpoints_in(folder: str) -> list[tuple[int, str]]:
+    """(step, file name) of the checkpoints (<step>.pt) in `folder`, the highest step first."""
+    entries = os.listdir(folder) if os.path.isdir(folder) else []
+    return sorted(((int(m.group(1)), entry) for entry in entries if (m := CHECKPOINT_NAME.fullmatch(entry))), reverse=True)
+
+
+def checkpoints_newest_first(results_dir: str, name: str) -> list[str]:
+    """The checkpoints (checkpoints/<step>.pt) of every run results_dir/NNN-<name>, the newest
+    run first and, within a run, the highest step first."""
     paths = []
-    for _, run in sorted(runs, reverse=True):
-        folder = os.path.join(results_dir, run, "checkpoints")
-        entries = os.listdir(folder) if os.path.isdir(folder) else []
-        steps = [(int(m.group(1)), entry) for entry in entries if (m := CHECKPOINT_NAME.fullmatch(entry))]
-        paths += [os.path.join(folder, entry) for _, entry in sorted(steps, reverse=True)]
+    for run in run_folders_newest_first(results_dir, name):
+        folder = os.path.join(run, "checkpoints")
+        paths += [os.path.join(folder, entry) for _, entry in checkpoints_in(folder)]
     return paths
 
 
@@ -181,15 +192,51 @@ def open_resume_checkpoint(
     return checkpoint, path
 
 
-def tidy_resumed_folder(experiment_dir: str, step: int) -> None:
+def tidy_resumed_folder(experiment_dir: str, step: int, set_aside_newer: bool) -> None:
     """Remove what a killed run left: temporary checkpoint files, and metrics records after the
-    resumed step (this run logs those steps again) or cut off mid-line."""
-    stale = remove_stale_temporaries(os.path.join(experiment_dir, "checkpoints"))
+    resumed step (this run logs those steps again) or cut off mid-line. With `set_aside_newer`
+    (a checkpoint chosen by hand), checkpoints after `step` are moved aside, so that the run's
+    newest checkpoint is always on the branch it trains."""
+    folder = os.path.join(experiment_dir, "checkpoints")
+    stale = remove_stale_temporaries(folder)
     if stale:
         logger.info(f"removed {len(stale)} stale temporary checkpoint file(s): {', '.join(stale)}")
+    if set_aside_newer:
+        set_aside_checkpoints_after(folder, step)
     dropped = trim_metrics(os.path.join(experiment_dir, "metrics.jsonl"), step)
     if dropped:
         logger.info(f"metrics.jsonl: dropped {dropped} record(s) after step {step} or cut off, as this run logs those steps again")
+
+
+def set_aside_checkpoints_after(folder: str, step: int) -> None:
+    """Move the checkpoints of `folder` after `step` into folder/set-aside-after-<step>-<time>/,
+    where no resume looks, and log what went where."""
+    newer = sorted(entry for saved_step, entry in checkpoints_in(folder) if saved_step > step)
+    if not newer:
+        return
+    aside = os.path.join(folder, f"set-aside-after-{step:07d}-{datetime.now():%Y%m%d-%H%M%S}")
+    os.makedirs(aside, exist_ok=True)
+    for entry in newer:
+        os.replace(os.path.join(folder, entry), os.path.join(aside, entry))
+    logger.info(
+        f"resuming from step {step}, before the newest checkpoint of the run: set aside {len(newer)} newer checkpoint(s) "
+        f"({', '.join(newer)}) in {aside}, so that this run continues from step {step}"
+    )
+
+
+def remove_abandoned_temporaries(results_dir: str, name: str) -> None:
+    """Remove the temporary checkpoint files that killed runs left in the run folders of `name`
+    that no live job holds (each is locked while it is tidied), and log them."""
+    for run in run_folders_newest_first(results_dir, name):
+        lock = try_lock(run)
+        if lock is None:  # held by a live job (maybe this one), or not writable
+            continue
+        try:
+            stale = remove_stale_temporaries(os.path.join(run, "checkpoints"))
+        finally:
+            lock.release()
+        if stale:
+            logger.info(f"removed {len(stale)} temporary checkpoint file(s) left by a killed run: {', '.join(stale)}")
 
 
 def seed_for_step(seed: int, step: int, rank: int) -> int:
