@@ -461,3 +461,20 @@ def test_a_checkpoint_damaged_after_it_was_written_is_refused_in_one_sentence(ti
         "(the file changed after it was saved); pass --ckpt PATH to another checkpoint"
     )
     assert not out.exists()
+
+
+def test_weights_holding_nan_without_a_checksum_are_refused(tiny_dit_ckpts, tiny_vae_dir, tmp_path):
+    """A checkpoint of the original's format (no checksum) with one NaN in an EMA weight: its
+    grid would be all black; sample.py refuses it, naming the tensor and the count."""
+    checkpoint = torch.load(tiny_dit_ckpts["training"], weights_only=True)
+    checkpoint["ema"] = dict(checkpoint["ema"], **{"final_layer.linear.weight": checkpoint["ema"]["final_layer.linear.weight"].clone()})
+    checkpoint["ema"]["final_layer.linear.weight"][0, :2] = float("nan")
+    path, out = tmp_path / "0000010.pt", tmp_path / "grid.png"
+    torch.save(checkpoint, path)
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main(tiny_args(dict(tiny_dit_ckpts, training=path), tiny_vae_dir, out))
+    assert str(exit_info.value.code) == (
+        f"sample.py: error: the ema weights of {path} hold 2 NaN or inf value(s) in 1 tensor(s) (the first: "
+        "final_layer.linear.weight), so every sample would be garbage; pass --ckpt PATH to other weights"
+    )
+    assert not out.exists()

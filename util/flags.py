@@ -211,6 +211,7 @@ def load_model(args: argparse.Namespace, given: set[str], device: torch.device) 
         raise ValueError(error.with_flag("--ckpt PATH")) from error
     if args.weights == "raw" and weights.raw is None:
         raise ValueError(f"--weights raw: {args.ckpt} holds one set of weights, not a train.py checkpoint's raw and EMA copies; drop --weights raw")
+    check_weights_are_finite(weights.select(args.weights), f"the {args.weights} weights of {args.ckpt}")
     contradiction = fill_from_checkpoint(args, given, weights.args)
     autoencoder, size = autoencoder_from_flags(args, device)
     dropout = weights.args.get("class_dropout_prob")
@@ -224,6 +225,19 @@ def load_model(args: argparse.Namespace, given: set[str], device: torch.device) 
     if contradiction:
         raise ValueError(contradiction)
     return model.to(device), autoencoder
+
+
+def check_weights_are_finite(state_dict: dict[str, torch.Tensor], what: str) -> None:
+    """One sentence when weights hold NaN or inf (they would sample black or noise images): a
+    checkpoint without a checksum, written by other code, can carry them."""
+    bad = {name: int((~tensor.isfinite()).sum()) for name, tensor in state_dict.items() if tensor.is_floating_point()}
+    bad = {name: count for name, count in bad.items() if count}
+    if bad:
+        first = next(iter(bad))
+        raise ValueError(
+            f"{what} hold {sum(bad.values()):,} NaN or inf value(s) in {len(bad)} tensor(s) (the first: {first}), "
+            f"so every sample would be garbage; pass --ckpt PATH to other weights"
+        )
 
 
 def guidance_note(model: DiT, cfg_scale: float) -> str | None:
