@@ -506,7 +506,7 @@ def test_a_batch_too_small_for_anything_fails_before_the_inception_pass(tmp_path
 
 
 def test_one_nan_in_an_activation_file_is_one_sentence_before_any_metric(tmp_path, monkeypatch):
-    """pool[5, 7] = NaN used to reach scipy's sqrtm, which spins for many minutes on it."""
+    """pool[5, 7] = NaN: refused before any metric (scipy's sqrtm spins for many minutes on it)."""
     monkeypatch.setattr(evaluate, "frechet_distance", lambda *args: pytest.fail("a metric ran on NaN activations"))
     rng = np.random.default_rng(17)
     ref, sample = acts(rng, 12, dims=ADM_DIMS), acts(rng, 12, dims=ADM_DIMS)
