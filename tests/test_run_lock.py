@@ -2,6 +2,7 @@
 one's lock is taken over (at once on this host, after the timeout from another host)."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -70,3 +71,27 @@ def test_the_holder_keeps_its_lock_fresh_and_removes_only_its_own(tmp_path, monk
     write_lock(tmp_path, "node-17", 4242)  # another job took it over meanwhile
     lock.release()
     assert json.loads((tmp_path / "lock").read_text())["host"] == "node-17"
+
+
+def test_a_reused_pid_or_another_pid_namespace_holds_only_until_the_timeout(tmp_path):
+    """A live pid on this host in another container, or a crashed job's pid reused by another
+    process: the lock holds while fresh and is taken over once its heartbeat is older than the timeout."""
+    path = tmp_path / "lock"
+    path.write_text(json.dumps({"host": socket.gethostname(), "pid": finished_pid(), "pid_namespace": "pid:[1]", "since": "x"}))
+    assert not run_lock.is_stale(str(path), json.loads(path.read_text()))  # another namespace: its pids cannot be seen from here
+    write_lock(tmp_path, socket.gethostname(), os.getppid())  # a live process of this namespace
+    assert not run_lock.is_stale(str(path), json.loads(path.read_text()))
+    write_lock(tmp_path, socket.gethostname(), os.getppid(), age_seconds=run_lock.STALE_AFTER_SECONDS + 60)
+    assert run_lock.is_stale(str(path), json.loads(path.read_text()))
+
+
+def test_without_hard_links_the_lock_is_an_exclusive_create(tmp_path, monkeypatch):
+    def no_links(source, target):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(run_lock.os, "link", no_links)
+    with RunLock(str(tmp_path)) as first:
+        assert json.loads((tmp_path / "lock").read_text()) == first.holder
+        with pytest.raises(RunLockedError):
+            RunLock(str(tmp_path)).acquire()
+    assert os.listdir(tmp_path) == []

@@ -6,14 +6,18 @@ start together exactly one gets it. The holder touches the file every HEARTBEAT_
 a daemon thread and removes it when it exits, after an error or a stop signal as after a
 finished run. A lock left by a crash is taken over:
 
-  - on the same host, as soon as its pid is no longer running;
-  - from another host (whose processes cannot be seen), once the file has gone STALE_AFTER_SECONDS
-    without a heartbeat. That is 15 heartbeats: a holder that is alive but slowed down (a loaded
-    file server, a paused VM) is not robbed of its lock, and clocks that disagree by minutes
-    between hosts do not matter.
+  - on the same host and in the same pid namespace, as soon as its pid is not running;
+  - from another host or container (whose processes cannot be seen), and whenever the pid was
+    reused by another process, once the file has gone STALE_AFTER_SECONDS without a heartbeat.
+    That is 15 heartbeats: a holder that is alive but slowed down (a loaded file server, a
+    paused VM) is not robbed of its lock, and clocks that disagree by minutes between hosts do
+    not matter.
+
+File systems without hard links (some FUSE and SMB mounts) get the lock by an exclusive create.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -27,6 +31,8 @@ from util.files import one_sentence_write_errors
 LOCK_NAME = "lock"
 HEARTBEAT_SECONDS = 60.0
 STALE_AFTER_SECONDS = 15 * 60.0
+# What os.link raises on a file system without hard links.
+NO_HARD_LINKS = (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS)
 
 
 class RunLockedError(RuntimeError):
@@ -42,6 +48,14 @@ def process_is_running(pid: int) -> bool:
     except PermissionError:  # another user's process
         return True
     return True
+
+
+def pid_namespace() -> str | None:
+    """This process's pid namespace ("pid:[4026531836]" on Linux): pids are comparable only within one."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
 
 
 def read_holder(path: str) -> dict | None:
@@ -60,12 +74,13 @@ def read_holder(path: str) -> dict | None:
 
 def is_stale(path: str, holder: dict) -> bool:
     """Whether the job that took this lock is gone (see the module's docstring)."""
-    if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
-        return not process_is_running(holder["pid"])
     try:
-        return time.time() - os.stat(path).st_mtime > STALE_AFTER_SECONDS
+        if time.time() - os.stat(path).st_mtime > STALE_AFTER_SECONDS:
+            return True
     except FileNotFoundError:
         return True
+    same_pids = holder.get("host") == socket.gethostname() and holder.get("pid_namespace", pid_namespace()) == pid_namespace()
+    return same_pids and isinstance(holder.get("pid"), int) and not process_is_running(holder["pid"])
 
 
 def describe(holder: dict) -> str:
@@ -77,7 +92,10 @@ class RunLock:
 
     def __init__(self, run_dir: str):
         self.path = os.path.join(run_dir, LOCK_NAME)
-        self.holder = {"host": socket.gethostname(), "pid": os.getpid(), "since": datetime.now().isoformat(timespec="seconds")}
+        self.holder = {
+            "host": socket.gethostname(), "pid": os.getpid(), "pid_namespace": pid_namespace(),
+            "since": datetime.now().isoformat(timespec="seconds"),
+        }
         self.stopped = threading.Event()
         self.heartbeat: threading.Thread | None = None
 
@@ -112,8 +130,22 @@ class RunLock:
             return True
         except FileExistsError:
             return False
+        except OSError as error:
+            if error.errno not in NO_HARD_LINKS:
+                raise
+            return self.publish_by_exclusive_create()
         finally:
             os.remove(tmp_path)
+
+    def publish_by_exclusive_create(self) -> bool:
+        """The lock made with O_CREAT | O_EXCL where hard links are not supported: False if one exists."""
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.holder, f)
+        return True
 
     def beat(self) -> None:
         """Touch the lock file until released (a folder deleted under the run ends the heartbeat)."""
