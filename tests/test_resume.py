@@ -415,6 +415,7 @@ def test_rank_0_picks_the_resume_checkpoint_and_every_rank_maps_that_file(tmp_pa
         assert f"rank {rank} {refusal}" in result.stdout
 
 
+@pytest.mark.slow
 def test_after_a_rewind_resume_auto_continues_the_rewound_branch(tmp_path, three_checkpoints, image_folder, tiny_vae_dir):
     results = tmp_path / "results"
     shutil.copytree(three_checkpoints, results)

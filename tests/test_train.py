@@ -572,6 +572,7 @@ def test_a_folder_of_no_readable_image_is_one_sentence_before_any_folder(tmp_pat
     assert not (tmp_path / "results").exists()
 
 
+@pytest.mark.slow
 def test_a_second_job_on_a_running_run_is_refused_naming_the_holder(tmp_path, image_folder, tiny_vae_dir):
     from util.run_lock import RunLock
 
