@@ -7,13 +7,12 @@ import glob
 import hashlib
 import os
 import re
-import tempfile
 import zipfile
 from typing import Any
 
 import torch
 
-from util.files import current_umask, first_line, one_sentence_write_errors
+from util.files import atomic_open, first_line, one_sentence_write_errors
 
 TMP_PREFIX = ".tmp-"
 CHECKPOINT_NAME = re.compile(r"(\d+)\.pt")
@@ -116,18 +115,11 @@ def save_checkpoint(obj: Any, path: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     with one_sentence_write_errors(path, "write checkpoint"):
         os.makedirs(folder, exist_ok=True)
-        fd, tmp_path = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".pt", dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                os.fchmod(f.fileno(), 0o666 & ~current_umask())  # mkstemp creates files as 0600
-                torch.save(with_checksum(obj), f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp_path, path)
-        except BaseException:
-            if os.path.exists(tmp_path):
-                os.remove(tmp_path)
-            raise
+        # Named .tmp-*.pt, so that remove_stale_temporaries finds what a kill left.
+        with atomic_open(path, "wb", temp_prefix=TMP_PREFIX, temp_suffix=".pt") as f:
+            torch.save(with_checksum(obj), f)
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> Any:

@@ -67,13 +67,13 @@ def current_umask() -> int:
 
 
 @contextmanager
-def atomic_open(path: str, mode: str = "w") -> Iterator[IO]:
+def atomic_open(path: str, mode: str = "w", temp_prefix: str | None = None, temp_suffix: str = ".tmp") -> Iterator[IO]:
     """A file that appears at `path` whole or not at all: written to a temporary file of its own
-    beside `path` (two writers never share one), renamed over `path` when the block ends, removed
-    when it fails (a killed run leaves no half-written file). It gets the mode a plain open()
-    would give."""
+    beside `path` (two writers never share one; named temp_prefix + random + temp_suffix, by
+    default .<name>.<random>.tmp), renamed over `path` when the block ends, removed when it fails
+    (a killed run leaves no half-written file). It gets the mode a plain open() would give."""
     folder, name = os.path.split(os.path.abspath(path))
-    fd, tmp_path = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    fd, tmp_path = tempfile.mkstemp(prefix=temp_prefix or f".{name}.", suffix=temp_suffix, dir=folder)
     try:
         with os.fdopen(fd, mode) as f:
             os.fchmod(f.fileno(), 0o666 & ~current_umask())  # mkstemp creates files as 0600
