@@ -23,6 +23,7 @@ from torchvision import transforms
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from util.files import atomic_open
 from util.images import center_crop_arr
 from util.vae import SD_LATENT_CHANNELS, SD_VAE_DESCRIPTION
 
@@ -277,10 +278,9 @@ def expected_feature_arrays(meta: dict) -> dict[str, tuple[tuple[int, ...], np.d
 
 
 def write_feature_meta(path: str, meta: dict) -> None:
-    tmp_path = os.path.join(path, "meta.json.tmp")
-    with open(tmp_path, "w") as f:
+    """meta.json, replaced whole: written last, it marks the store's arrays as allocated."""
+    with atomic_open(os.path.join(path, "meta.json")) as f:
         json.dump(meta, f, indent=1)
-    os.replace(tmp_path, os.path.join(path, "meta.json"))
 
 
 def create_feature_array(path: str, name: str, meta: dict) -> None:
