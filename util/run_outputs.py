@@ -7,10 +7,10 @@ import math
 import os
 from typing import Callable
 
-from util.checkpoints import CHECKPOINT_NAME, save_checkpoint
+from util.checkpoints import save_checkpoint
 from util.distributed import any_rank, rng_states_of_all_ranks
 from util.files import WriteError, append_record
-from util.resume import training_checkpoint
+from util.resume import checkpoints_in, training_checkpoint
 from util.run_state import Run, TrainingStopped, TrainState
 from util.training import RunningStats, non_finite_parts, peak_memory_mb
 
@@ -67,8 +67,7 @@ def remove_older_checkpoints(folder: str, step: int, keep: int) -> list[str]:
     kept, as is any of a later step (another branch of the run's history). A file that cannot
     be deleted is named in one line and the run goes on.
     """
-    found = sorted((int(m.group(1)), name) for name in os.listdir(folder) if (m := CHECKPOINT_NAME.fullmatch(name)))
-    older = [os.path.join(folder, name) for number, name in found if number < step]
+    older = [os.path.join(folder, name) for number, name in reversed(checkpoints_in(folder)) if number < step]
     removed = older[: max(len(older) - (keep - 1), 0)]
     for path in removed:
         try:
