@@ -201,18 +201,18 @@ def resume_refusal(error: ValueError) -> str:
 
 
 def continue_on_changed_data(
-    args: argparse.Namespace, checkpoint: dict, dataset: FeatureDataset | ImageDataset, state: TrainState
+    args: argparse.Namespace, checkpoint: dict, dataset_size: int, fingerprint: str | None, state: TrainState
 ) -> TrainState:
     """With --accept-changed-data, log how the data differs from the checkpoint's. A dataset of
     another size has another data order, so the resumed run starts the next epoch."""
     if not args.accept_changed_data:
         return state
-    changes = data_differences(checkpoint, args, len(dataset), dataset.fingerprint())
+    changes = data_differences(checkpoint, args, dataset_size, fingerprint)
     if not changes:
         logger.info("--accept-changed-data: the data is the checkpoint's, nothing changed")
         return state
     logger.info(f"--accept-changed-data: continuing on other data than the checkpoint was trained with: {', '.join(changes)}")
-    if checkpoint["dataset_size"] != len(dataset) and state.epoch_step:
+    if checkpoint["dataset_size"] != dataset_size and state.epoch_step:
         logger.info(
             f"epoch {state.epoch} ends at step {state.step} (its order was drawn for {checkpoint['dataset_size']} images): "
             f"step {state.step + 1} starts epoch {state.epoch + 1}"
@@ -360,15 +360,17 @@ def set_up(args: argparse.Namespace, info: DistInfo, on_exit: ExitStack) -> tupl
     autoencoder = open_autoencoder(args, dataset, info.device, vae_notes)
     latent = check_patch_grid(args, autoencoder)
     notes = [precision_note] if precision_note else []
+    # Rank 0 alone reads the data's fingerprint (a stat of every image file) and hands it to all.
+    fingerprint = all_gather_objects(dataset.fingerprint() if info.is_main else None)[0]
     try:
-        checkpoint, resume_path = open_resume_checkpoint(args, len(dataset), notes, info.is_main, dataset.fingerprint())
+        checkpoint, resume_path = open_resume_checkpoint(args, len(dataset), notes, info.is_main, fingerprint)
     except CheckpointError as error:
         raise SystemExit(error.with_flag("--resume PATH")) from None
     except ValueError as error:
         raise SystemExit(resume_refusal(error)) from None
 
     run = build_run(args, info, len(dataset), autoencoder.channels, latent)
-    run.data_fingerprint = dataset.fingerprint()
+    run.data_fingerprint = fingerprint
     fine_tune = args.init_from is not None and checkpoint is None
     initial = fitted_initial_weights(run, args.init_from, autoencoder) if fine_tune else None
     run.experiment_dir = claim_experiment_folder(args, resume_path, info, on_exit)
@@ -386,7 +388,7 @@ def set_up(args: argparse.Namespace, info: DistInfo, on_exit: ExitStack) -> tupl
         init_from(run, args.init_from, *initial)
     if checkpoint is not None:
         state = restore_run(run, checkpoint, resume_path)
-        state = continue_on_changed_data(args, checkpoint, dataset, state)
+        state = continue_on_changed_data(args, checkpoint, len(dataset), fingerprint, state)
         if info.is_main:
             tidy_resumed_folder(run.experiment_dir, state.step, set_aside_newer=args.resume != "auto")
         restore_rng_state(checkpoint, state.step, info, args.global_seed)  # after everything that draws numbers
