@@ -130,6 +130,13 @@ def make_image_folder(root: Path, classes: int = 3, per_class: int = 8, seed: in
     return root
 
 
+def make_unreadable_image_folder(root: Path) -> Path:
+    """root/class_0/a.png holding only a PNG signature: a data folder with no readable image."""
+    (root / "class_0").mkdir(parents=True)
+    (root / "class_0" / "a.png").write_bytes(b"\x89PNG")
+    return root
+
+
 @pytest.fixture(scope="session")
 def tiny_vae_dir(tmp_path_factory) -> Path:
     return make_tiny_vae(tmp_path_factory.mktemp("tiny_vae"))

@@ -18,8 +18,8 @@ import torch
 import extract_features
 import train
 from conftest import (
-    TINY, extract_args, make_image_folder, make_other_vae, make_read_only, read_metrics, run_script,
-    tmpfs
+    TINY, extract_args, make_image_folder, make_other_vae, make_read_only, make_unreadable_image_folder, read_metrics,
+    run_script, tmpfs
 )
 from util.data import (
     FeatureDataset, ImageDataset, create_feature_store, feature_bytes_per_image, open_feature_arrays
@@ -374,10 +374,9 @@ def test_a_cut_short_store_is_refused_by_training_and_redone_by_extraction(tmp_p
 
 
 def test_a_folder_without_a_readable_image_is_one_sentence_before_the_store_is_made(tmp_path, tiny_vae_dir):
-    (tmp_path / "images" / "class_0").mkdir(parents=True)
-    (tmp_path / "images" / "class_0" / "a.png").write_bytes(b"\x89PNG")
+    images = make_unreadable_image_folder(tmp_path / "images")
     with pytest.raises(SystemExit, match=r"^none of the 1 image files in the data folder .*images can be read"):
-        extract_features.main(extract_args(tmp_path / "images", tiny_vae_dir, tmp_path / "features"))
+        extract_features.main(extract_args(images, tiny_vae_dir, tmp_path / "features"))
     assert not (tmp_path / "features").exists()
 
 

@@ -24,8 +24,8 @@ from PIL import Image
 
 import train
 from conftest import (
-    REPO, TINY, assert_state_dicts_equal, make_image_folder, make_read_only, read_metrics, run_script,
-    start_torchrun, tmpfs, train_args, wait_for_step, worker_pid
+    REPO, TINY, assert_state_dicts_equal, make_image_folder, make_read_only, make_unreadable_image_folder, read_metrics,
+    run_script, start_torchrun, tmpfs, train_args, wait_for_step, worker_pid
 )
 from diffusion import create_diffusion
 from models import DiT_models
@@ -565,10 +565,9 @@ def test_a_class_of_105_unreadable_files_trains_resumes_and_accepts_their_remova
 
 
 def test_a_folder_of_no_readable_image_is_one_sentence_before_any_folder(tmp_path, tiny_vae_dir):
-    (tmp_path / "images" / "class_0").mkdir(parents=True)
-    (tmp_path / "images" / "class_0" / "a.png").write_bytes(b"\x89PNG")
+    images = make_unreadable_image_folder(tmp_path / "images")
     with pytest.raises(SystemExit, match=r"^none of the 1 image files in the data folder .*images can be read \(the first, .*a.png: "):
-        train.main(train_args(tmp_path / "images", tiny_vae_dir, tmp_path / "results"))
+        train.main(train_args(images, tiny_vae_dir, tmp_path / "results"))
     assert not (tmp_path / "results").exists()
 
 
